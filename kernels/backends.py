@@ -1,0 +1,149 @@
+"""Interchangeable implementations of the two grouped-GEMM primitives.
+
+Shape legend: N rows in expert order, E experts, K inner dim, P output dim.
+
+Every backend provides:
+- ``gmm(x_NK, w_EKP, offsets_E) -> y_NP``: ``y[g] = x[g] @ w[e]`` for each group g of
+  rows ``offsets[e-1]:offsets[e]``; ``w`` may be a transposed view.
+  Invariant: ``offsets[-1] == N`` (every row belongs to a group; dispatch guarantees it).
+- ``gmm_wgrad(x_NK, dy_NP, offsets_E) -> dw_EKP``: ``dw[e] = x[g].T @ dy[g]``; an empty
+  group gets zeros.
+
+Names: ``loop`` (per-expert ``mm``, the reference), ``torch``
+(``torch.nn.functional.grouped_mm``), ``triton`` (our kernels), and ``auto``, which picks
+per primitive what is fastest and correct for the device and dtype.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "loop", "torch", "triton")
+
+
+def _group_bounds(offsets_E: Tensor) -> list[int]:
+    return [0, *offsets_E.tolist()]
+
+
+def loop_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
+    y_NP = x_NK.new_empty(x_NK.shape[0], w_EKP.shape[2])
+    bounds = _group_bounds(offsets_E)
+    for e in range(w_EKP.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            torch.mm(x_NK[lo:hi], w_EKP[e], out=y_NP[lo:hi])
+    return y_NP
+
+
+def loop_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
+    E = offsets_E.shape[0]
+    dw_EKP = x_NK.new_empty(E, x_NK.shape[1], dy_NP.shape[1])
+    bounds = _group_bounds(offsets_E)
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            torch.mm(x_NK[lo:hi].t(), dy_NP[lo:hi], out=dw_EKP[e])
+        else:
+            dw_EKP[e].zero_()
+    return dw_EKP
+
+
+def torch_gmm_supports(x_NK: Tensor, w_EKP: Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` takes these operands on this build."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtypes = (torch.bfloat16,) if x_NK.is_cuda else (torch.float32, torch.bfloat16)
+    if x_NK.dtype not in dtypes:
+        return False
+    if x_NK.is_cuda and torch.cuda.get_device_capability(x_NK.device) < (8, 0):
+        return False
+    # Its kernels need every stride of both operands to be a multiple of 16 bytes.
+    size = x_NK.element_size()
+    return (x_NK.shape[1] * size) % 16 == 0 and (w_EKP.shape[2] * size) % 16 == 0
+
+
+def _require_torch_support(x_NK: Tensor, w_EKP: Tensor) -> None:
+    if not torch_gmm_supports(x_NK, w_EKP):
+        raise ValueError(
+            f"backend='torch' cannot run {x_NK.dtype} on {x_NK.device.type} with inner dim "
+            f"{x_NK.shape[1]} and output dim {w_EKP.shape[2]} (grouped_mm needs a supported "
+            "dtype and dims that are multiples of 16 bytes); use backend='auto'"
+        )
+
+
+def torch_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
+    _require_torch_support(x_NK, w_EKP)
+    return F.grouped_mm(x_NK, w_EKP, offs=offsets_E)
+
+
+def torch_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
+    _require_torch_support(x_NK, dy_NP.unsqueeze(0))
+    if x_NK.shape[0] == 0:
+        return x_NK.new_zeros(offsets_E.shape[0], x_NK.shape[1], dy_NP.shape[1])
+    return F.grouped_mm(x_NK.t(), dy_NP, offs=offsets_E)
+
+
+def triton_available() -> bool:
+    """Triton kernels run natively on CUDA, and on the CPU under ``TRITON_INTERPRET=1``."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton():
+    if not triton_available():
+        raise ValueError(
+            "backend='triton' needs the triton package and a CUDA device "
+            "(or TRITON_INTERPRET=1 on the CPU, for tests); use backend='auto'"
+        )
+    from . import triton_gemm
+
+    return triton_gemm
+
+
+def triton_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
+    return _triton().gmm(x_NK, w_EKP, offsets_E)
+
+
+def triton_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
+    return _triton().gmm_wgrad(x_NK, dy_NP, offsets_E)
+
+
+@dataclass(frozen=True)
+class GemmBackend:
+    name: str
+    gmm: Callable[[Tensor, Tensor, Tensor], Tensor]
+    gmm_wgrad: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+LOOP = GemmBackend("loop", loop_gmm, loop_gmm_wgrad)
+TORCH = GemmBackend("torch", torch_gmm, torch_gmm_wgrad)
+TRITON = GemmBackend("triton", triton_gmm, triton_gmm_wgrad)
+
+
+def resolve_backend(name: str, x_NK: Tensor, w_EKP: Tensor) -> GemmBackend:
+    """The backend that ``name`` means for these operands."""
+    if name == "loop":
+        return LOOP
+    if name == "torch":
+        return TORCH
+    if name == "triton":
+        return TRITON
+    if name != "auto":
+        raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
+    fused = torch_gmm_supports(x_NK, w_EKP)
+    if x_NK.is_cuda:
+        if fused:
+            return TORCH
+        return TRITON if triton_available() else LOOP
+    # On the CPU grouped_mm matches the loop for y and dx, but its weight gradient is
+    # 2-4x slower than per-expert mm (scripts/bench_moe_layer.py measures both).
+    return GemmBackend("auto[torch+loop]" if fused else "auto[loop]",
+                       torch_gmm if fused else loop_gmm, loop_gmm_wgrad)

@@ -1,0 +1,120 @@
+"""Routing plan: which row of the expert-ordered buffer holds which token copy.
+
+Shape legend: T tokens, K copies per token (top-k), E experts, N kept rows (N <= T*K).
+
+A token copy is the pair (t, k): token t sent to its k-th choice ``ids_TK[t, k]``.
+Copies are grouped by expert with a stable sort, so the expert-ordered buffer is a
+concatenation of E groups whose sizes are ``counts_E`` and whose end offsets are
+``offsets_E`` (the layout the grouped GEMM consumes).
+
+Capacity is a mask on that sorted order, not a padded tensor: within each expert the
+copies are ranked by priority and those ranked at or beyond ``capacity`` are dropped
+(their contribution is zero; the residual connection carries the token).
+
+Priority orders, documented because they decide *which* copies survive:
+- ``"sequence"`` (Switch / GShard): all first choices before all second choices, and
+  within one choice level, earlier tokens first: the order (k, t).
+- ``"gate"`` (batch-prioritized routing): higher gate value first; ties keep the
+  (k, t) order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PRIORITIES = ("sequence", "gate")
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Index maps between token copies and the expert-ordered row buffer.
+
+    row_token_N: token index of each kept row, rows in expert order.
+    row_copy_N:  flat copy index ``t * K + k`` held by each kept row.
+    pos_TK:      row index of each copy, -1 where the copy was dropped.
+    counts_E:    kept rows per expert (int64).
+    offsets_E:   cumulative end offset of each expert's group (int32, grouped-GEMM layout).
+    routed_E:    copies assigned to each expert before capacity (int64).
+    """
+
+    row_token_N: Tensor
+    row_copy_N: Tensor
+    pos_TK: Tensor
+    counts_E: Tensor
+    offsets_E: Tensor
+    routed_E: Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_token_N.shape[0]
+
+    @property
+    def num_copies(self) -> int:
+        return self.pos_TK.numel()
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows each expert may take: ``ceil(capacity_factor * T * K / E)``.
+
+    A factor <= 0 means dropless, returned as ``T * K`` (no expert can receive more).
+    """
+    if capacity_factor <= 0:
+        return num_tokens * top_k
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def plan_dispatch(
+    ids_TK: Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+    gates_TK: Tensor | None = None,
+    priority: str = "sequence",
+) -> DispatchPlan:
+    """Group token copies by expert, keeping at most ``capacity`` per expert.
+
+    ``capacity=None`` is dropless. ``gates_TK`` is needed for ``priority="gate"``.
+    The plan is pure index arithmetic and carries no gradient.
+    """
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+    if priority == "gate" and gates_TK is None:
+        raise ValueError("priority='gate' needs gates_TK")
+    T, K = ids_TK.shape
+    device = ids_TK.device
+    ids_TK = ids_TK.long()
+
+    # Candidate order before grouping: copies listed k-major, i.e. (k, t).
+    copies = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
+    if priority == "gate":
+        by_gate = torch.sort(gates_TK.reshape(-1)[copies], descending=True, stable=True).indices
+        copies = copies[by_gate]
+    experts = ids_TK.reshape(-1)[copies]
+    by_expert = torch.sort(experts, stable=True).indices
+    sorted_copies = copies[by_expert]
+    sorted_experts = experts[by_expert]
+
+    routed_E = torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
+    if capacity is not None and capacity < T * K:
+        starts_E = torch.cumsum(routed_E, 0) - routed_E
+        rank = torch.arange(T * K, device=device) - starts_E[sorted_experts]
+        keep = rank < capacity
+        # Boolean indexing syncs with the host; dropless plans never take this branch.
+        sorted_copies = sorted_copies[keep]
+        counts_E = routed_E.clamp(max=capacity)
+    else:
+        counts_E = routed_E
+
+    pos_TK = torch.full((T * K,), -1, dtype=torch.long, device=device)
+    pos_TK[sorted_copies] = torch.arange(sorted_copies.shape[0], device=device)
+    return DispatchPlan(
+        row_token_N=torch.div(sorted_copies, K, rounding_mode="floor"),
+        row_copy_N=sorted_copies,
+        pos_TK=pos_TK.view(T, K),
+        counts_E=counts_E,
+        offsets_E=torch.cumsum(counts_E, 0).to(torch.int32),
+        routed_E=routed_E,
+    )

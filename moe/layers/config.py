@@ -1,0 +1,65 @@
+"""Typed configuration of one MoE layer, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe.kernels import BACKENDS, PRIORITIES
+
+ACTIVATIONS = ("swiglu", "relu", "gelu")
+GATE_MODES = ("switch", "renormalize")
+
+
+@dataclass
+class MoEConfig:
+    """Knobs of a Switch-style MoE layer.
+
+    num_experts: experts in the layer (E).
+    top_k: experts per token (K); 1 is Switch.
+    d_ff: hidden width of each expert (F).
+    capacity_factor: each expert takes at most ``ceil(cf * T * K / E)`` token copies;
+        <= 0 is dropless (no copy is ever dropped).
+    capacity_priority: which copies survive a full expert: "sequence" (Switch) or "gate".
+    gate_mode: "switch" uses the router probability of the chosen expert as its gate
+        (unnormalized); "renormalize" rescales the top-k probabilities to sum to 1.
+    activation: "swiglu" (default), or "relu"/"gelu" as in the Switch paper.
+    jitter: multiplicative noise amplitude on the router input in training (0 = off).
+    expert_bias: keep an aux-loss-free balancing bias that shifts expert selection only
+        (DeepSeek-V3 style); it is updated by ``Router.update_expert_bias`` outside forward.
+    backend: grouped GEMM and dispatch kernels: "auto", "loop", "torch" or "triton".
+    """
+
+    num_experts: int = 8
+    top_k: int = 1
+    d_ff: int = 1024
+    capacity_factor: float = 0.0
+    capacity_priority: str = "sequence"
+    gate_mode: str = "switch"
+    activation: str = "swiglu"
+    jitter: float = 0.0
+    expert_bias: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        if self.d_ff < 1:
+            raise ValueError(f"d_ff must be >= 1, got {self.d_ff}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        for name, value, allowed in (
+            ("capacity_priority", self.capacity_priority, PRIORITIES),
+            ("gate_mode", self.gate_mode, GATE_MODES),
+            ("activation", self.activation, ACTIVATIONS),
+            ("backend", self.backend, BACKENDS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor <= 0

@@ -1,0 +1,46 @@
+"""Experts with stacked weights, so one grouped GEMM serves all of them.
+
+Shape legend: N rows in expert order, E experts, D model dim, F hidden dim,
+H input-projection rows (2F for SwiGLU, F otherwise).
+
+Weights use the ``nn.Linear`` / Hugging Face layout ``[E, out, in]``: ``w_in_EHD`` is
+``[E, H, D]`` (SwiGLU: gate rows then up rows, like Qwen3-MoE's ``gate_up_proj``) and
+``w_out_EDF`` is ``[E, D, F]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moe.kernels import grouped_mm
+
+from .ffn import activate, init_projection_, projection_rows
+
+
+class GroupedExperts(nn.Module):
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.activation = activation
+        self.backend = backend
+        H = projection_rows(activation, d_ff)
+        self.w_in_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
+        self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        init_projection_(self.w_in_EHD, fan_in=d_model)
+        init_projection_(self.w_out_EDF, fan_in=d_ff)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in_EHD.shape[0]
+
+    def _grouped_mm(self, x_NK: Tensor, w_EPK: Tensor, offsets_E: Tensor) -> Tensor:
+        """The one seam for the expert GEMM: ``x[g] @ w[e].T`` per group. Override to swap kernels."""
+        return grouped_mm(x_NK, w_EPK.transpose(1, 2), offsets_E, backend=self.backend)
+
+    def forward(self, x_ND: Tensor, offsets_E: Tensor) -> Tensor:
+        """x_ND: rows grouped by expert; offsets_E: int32 group ends. Returns [N, D]."""
+        h_NH = self._grouped_mm(x_ND, self.w_in_EHD, offsets_E)
+        return self._grouped_mm(activate(h_NH, self.activation), self.w_out_EDF, offsets_E)

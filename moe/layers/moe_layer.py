@@ -1,0 +1,73 @@
+"""The MoE layer: router -> dispatcher -> experts -> combine.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .dispatcher import LocalDispatcher
+from .experts import GroupedExperts
+from .router import Router
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary losses (with gradient) and routing statistics (without) of one forward.
+
+    aux_loss, z_loss: see ``RouterOutput``; scale them by their coefficients in the loss.
+    routed_E: token copies assigned to each expert before capacity.
+    kept_E: token copies each expert actually processed.
+    dropped_fraction: share of token copies dropped by capacity (0 when dropless).
+    entropy: mean routing entropy (nats).
+    """
+
+    aux_loss: Tensor
+    z_loss: Tensor
+    routed_E: Tensor
+    kept_E: Tensor
+    dropped_fraction: Tensor
+    entropy: Tensor
+
+
+class MoELayer(nn.Module):
+    """Switch-style MoE FFN. ``forward(x[..., D]) -> (y[..., D], MoEAux)``.
+
+    A dropped token copy contributes zero here; the block's residual carries the token.
+    """
+
+    def __init__(self, d_model: int, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.router = Router(d_model, config)
+        self.experts = GroupedExperts(
+            config.num_experts, d_model, config.d_ff, config.activation, config.backend
+        )
+        self.dispatcher = LocalDispatcher(
+            config.num_experts, config.capacity_factor, config.capacity_priority, config.backend
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        x_TD = rearrange(x, "... d -> (...) d")
+        route = self.router(x_TD)
+        x_ND, offsets_E, handle = self.dispatcher.dispatch(x_TD, route.ids_TK, route.gates_TK)
+        y_ND = self.experts(x_ND, offsets_E)
+        y_TD = self.dispatcher.combine(y_ND, route.gates_TK, handle)
+        kept_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1))
+        copies = route.ids_TK.numel()
+        dropped = 1.0 - kept_E.sum() / copies if copies else kept_E.new_zeros((), dtype=torch.float)
+        aux = MoEAux(
+            aux_loss=route.aux_loss,
+            z_loss=route.z_loss,
+            routed_E=route.routed_E,
+            kept_E=kept_E,
+            dropped_fraction=dropped.float(),
+            entropy=route.entropy,
+        )
+        return y_TD.reshape(x.shape), aux

@@ -1,0 +1,93 @@
+"""Switch-style top-k router.
+
+Shape legend: T tokens, D model dim, E experts, K chosen experts per token.
+
+Logits and softmax are float32 whatever the autocast dtype: routing decisions and the
+auxiliary losses are sensitive to rounding. The router returns plain tensors and owns no
+communication; the load-balancing loss here is over the tokens it was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    """What the router decided for T tokens.
+
+    ids_TK: chosen experts, best first.
+    gates_TK: float32 combine weights of those choices.
+    aux_loss: load-balancing loss ``E * sum_i f_i * P_i``; f_i is the fraction of token
+        copies assigned to expert i (before any capacity drop), P_i the mean router
+        probability of i. Equals 1 for perfectly uniform routing, whatever K.
+    z_loss: ``mean_t logsumexp(logits_t)^2``, keeps logits small.
+    routed_E: token copies assigned to each expert (int64, no gradient).
+    entropy: mean entropy of the routing distribution, in nats (no gradient).
+    """
+
+    ids_TK: Tensor
+    gates_TK: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+    routed_E: Tensor
+    entropy: Tensor
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, config: MoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.gate_mode = config.gate_mode
+        self.jitter = config.jitter
+        self.weight_ED = nn.Parameter(torch.empty(config.num_experts, d_model))
+        nn.init.normal_(self.weight_ED, std=d_model**-0.5)
+        # The bias steers selection only; gates still come from the unbiased probabilities.
+        self.register_buffer(
+            "expert_bias_E", torch.zeros(config.num_experts) if config.expert_bias else None
+        )
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x_TD = x_TD * noise
+        # float32 at least (float64 stays float64, for reference tests).
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            scores_TE = probs_TE if self.expert_bias_E is None else probs_TE + self.expert_bias_E
+            ids_TK = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
+            gates_TK = probs_TE.gather(1, ids_TK)
+            if self.gate_mode == "renormalize":
+                gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+
+            T, E = probs_TE.shape
+            routed_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+            if T == 0:
+                zero = logits_TE.sum()  # keeps the graph connected to the router weight
+                return RouterOutput(ids_TK, gates_TK, zero, zero, routed_E, zero.detach())
+            load_E = routed_E.float() / (T * self.top_k)
+            aux_loss = E * torch.sum(load_E * probs_TE.mean(dim=0))
+            z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
+            entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
+        return RouterOutput(ids_TK, gates_TK, aux_loss, z_loss, routed_E, entropy.detach())
+
+    @torch.no_grad()
+    def update_expert_bias(self, routed_E: Tensor, rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower the rest.
+
+        Call after the optimizer step with the loads the last forward reported (summed over
+        micro-batches and, in a distributed run, over ranks).
+        """
+        if self.expert_bias_E is None:
+            raise RuntimeError("this router has no expert bias; build it with expert_bias=True")
+        load_E = routed_E.float()
+        self.expert_bias_E += rate * torch.sign(load_E.mean() - load_E)

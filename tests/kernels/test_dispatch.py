@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from moe.kernels import expert_capacity, permute, plan_dispatch, unpermute
+from moe.kernels.backends import triton_available
+from tests.reference import kept_copies
+
+ROW_BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+
+
+def random_choices(T, K, E, g):
+    """Distinct experts per token, as top-k gives."""
+    return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)] or
+                       [torch.zeros(0, K, dtype=torch.long)]).reshape(T, K)
+
+
+def kept_from_plan(plan):
+    T, K = plan.pos_TK.shape
+    return {(t, k) for t in range(T) for k in range(K) if plan.pos_TK[t, k] >= 0}
+
+
+def test_capacity_keeps_copies_in_sequence_order():
+    ids = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1], [2, 0]])
+    plan = plan_dispatch(ids, num_experts=3, capacity=2)
+    # First choices in token order, then second choices: expert 0 fills with t0, t1;
+    # expert 1 with t2 (k=0), t0 (k=1); expert 2 with t4 (k=0), t1 (k=1).
+    assert kept_from_plan(plan) == {(0, 0), (1, 0), (2, 0), (4, 0), (0, 1), (1, 1)}
+    assert plan.counts_E.tolist() == [2, 2, 2]
+    assert plan.routed_E.tolist() == [5, 3, 2]
+    assert plan.row_token_N.tolist() == [0, 1, 2, 0, 4, 1]
+
+
+def test_capacity_gate_priority_keeps_highest_gates():
+    ids = torch.tensor([[0], [0], [0], [1]])
+    gates = torch.tensor([[0.2], [0.9], [0.5], [0.3]])
+    plan = plan_dispatch(ids, num_experts=2, capacity=2, gates_TK=gates, priority="gate")
+    assert kept_from_plan(plan) == {(1, 0), (2, 0), (3, 0)}
+    assert plan.row_token_N.tolist() == [1, 2, 3]  # highest gate first within expert 0
+
+
+@pytest.mark.parametrize("priority", ["sequence", "gate"])
+@pytest.mark.parametrize("T,K,E,cap", [(40, 1, 4, 7), (33, 2, 5, 9), (21, 4, 6, 10), (5, 2, 8, 1)])
+def test_plan_matches_reference_capacity_rule(priority, T, K, E, cap):
+    g = torch.Generator().manual_seed(T * 100 + K)
+    ids = random_choices(T, K, E, g)
+    gates = torch.rand(T, K, generator=g)
+    plan = plan_dispatch(ids, E, cap, gates, priority)
+    assert kept_from_plan(plan) == kept_copies(ids, gates, E, cap, priority)
+    # Rows are grouped by expert in ascending order and the offsets describe the groups.
+    experts_of_rows = ids.reshape(-1)[plan.row_copy_N]
+    assert torch.equal(experts_of_rows, torch.sort(experts_of_rows).values)
+    assert plan.offsets_E[-1].item() == plan.num_rows == plan.counts_E.sum().item()
+    assert (plan.counts_E <= cap).all()
+    assert torch.equal(plan.pos_TK.reshape(-1)[plan.row_copy_N], torch.arange(plan.num_rows))
+
+
+def test_dropless_keeps_everything_and_capacity_formula():
+    ids = torch.randint(0, 4, (50, 2))
+    plan = plan_dispatch(ids, 4)
+    assert plan.num_rows == 100 and (plan.pos_TK >= 0).all()
+    assert expert_capacity(1.25, 50, 2, 4) == 32  # ceil(1.25 * 100 / 4)
+    assert expert_capacity(0.0, 50, 2, 4) == 100
+
+
+def test_zero_tokens_plan():
+    plan = plan_dispatch(torch.zeros(0, 2, dtype=torch.long), 3, capacity=4)
+    assert plan.num_rows == 0 and plan.offsets_E.tolist() == [0, 0, 0]
+
+
+def naive_unpermute(y, gates, plan):
+    T, K = plan.pos_TK.shape
+    out = torch.zeros(T, y.shape[1], dtype=y.dtype)
+    for t in range(T):
+        for k in range(K):
+            p = int(plan.pos_TK[t, k])
+            if p >= 0:
+                out[t] = out[t] + gates[t, k] * y[p]
+    return out
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("T,K,E,cap", [(17, 2, 5, 5), (9, 1, 3, None), (1, 4, 4, None), (0, 2, 3, 2)])
+def test_permute_unpermute_forward_and_gradients(backend, T, K, E, cap):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    g = torch.Generator().manual_seed(T + K)
+    ids = random_choices(T, K, E, g)
+    plan = plan_dispatch(ids, E, cap)
+    x = torch.randn(T, 11, dtype=dtype, generator=g, requires_grad=True)
+    gates = torch.rand(T, K, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(plan.num_rows, 1, dtype=dtype, generator=g)  # makes each row distinct
+
+    out = unpermute(permute(x, plan, backend) * w, gates, plan, backend)
+    ref = naive_unpermute(x[plan.row_token_N] * w, gates, plan)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    dx, dg = torch.autograd.grad(out, (x, gates), grad)
+    if T == 0:
+        assert dx.shape == (0, 11) and dg.shape == (0, K)
+        return
+    rdx, rdg = torch.autograd.grad(ref, (x, gates), grad)
+    torch.testing.assert_close(dx, rdx)
+    torch.testing.assert_close(dg, rdg)
+
+
+def test_permute_unpermute_gradcheck_float64():
+    ids = torch.tensor([[0, 2], [1, 0], [0, 1], [2, 0]])
+    plan = plan_dispatch(ids, 3, capacity=2)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(4, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: unpermute(permute(a, plan, "torch") ** 2, b, plan, "torch"),
+                             (x, gates))

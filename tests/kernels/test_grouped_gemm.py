@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from moe.kernels import grouped_mm, resolve_backend, torch_gmm_supports
+from moe.kernels.backends import triton_available
+from tests.reference import reference_gmm
+
+BACKENDS = ["loop", "torch", "auto"] + (["triton"] if triton_available() else [])
+
+# (rows per expert, K, P): random loads, empty experts, one expert taking every row,
+# zero rows, a single row, odd sizes.
+CASES = {
+    "random": ([7, 0, 12, 3, 9], 16, 24),
+    "empty_experts": ([0, 0, 5, 0, 0, 0, 1, 0], 8, 16),
+    "one_expert_takes_all": ([0, 0, 23, 0], 12, 8),
+    "zero_rows": ([0, 0, 0], 8, 8),
+    "single_row": ([0, 1], 4, 4),
+    "odd_sizes": ([5, 0, 3], 13, 7),
+    "many_tiles": ([70, 1, 0, 130], 40, 72),
+}
+
+
+def dtype_for(backend):
+    return torch.float64 if backend == "loop" else torch.float32
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_matches_per_group_reference(backend, case, transposed):
+    counts, K, P = CASES[case]
+    dtype = dtype_for(backend)
+    E, N = len(counts), sum(counts)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = torch.Generator().manual_seed(N * 7 + K)
+    x = torch.randn(N, K, dtype=dtype, generator=g, requires_grad=True)
+    if transposed:  # the nn.Linear layout [E, P, K], used as a transposed view
+        w_param = torch.randn(E, P, K, dtype=dtype, generator=g, requires_grad=True)
+        w = w_param.transpose(1, 2)
+    else:
+        w_param = w = torch.randn(E, K, P, dtype=dtype, generator=g, requires_grad=True)
+    if backend == "torch" and not torch_gmm_supports(x, w):
+        with pytest.raises(ValueError, match="use backend='auto'"):
+            grouped_mm(x, w, offsets, backend=backend)
+        return
+
+    y = grouped_mm(x, w, offsets, backend=backend)
+    ref = reference_gmm(x.detach().double(), w.detach().double(), offsets)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), ref, **tol)
+
+    dy = torch.randn(N, P, dtype=dtype, generator=g)
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    wd = w_param.detach().double().requires_grad_()
+    wv = wd.transpose(1, 2) if transposed else wd
+    reference_gmm(xd, wv, offsets).backward(dy.double()) if N else None
+    ref_dx = xd.grad if N else torch.zeros_like(xd)
+    ref_dw = wd.grad if N else torch.zeros_like(wd)
+    torch.testing.assert_close(x.grad.double(), ref_dx, **tol)
+    torch.testing.assert_close(w_param.grad.double(), ref_dw, **tol)
+    # Empty experts get an exact zero gradient, and the gradient keeps the parameter layout.
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.count_nonzero(w_param.grad[e]) == 0
+    assert w_param.grad.stride() == w_param.stride()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "loop"])
+def test_bfloat16_close_to_float32(backend):
+    counts = [9, 0, 17, 6]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    x = torch.randn(sum(counts), 32)
+    w = torch.randn(4, 32, 16)
+    y = grouped_mm(x.bfloat16(), w.bfloat16(), offsets, backend=backend)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference_gmm(x, w, offsets), rtol=2e-2, atol=2e-1)
+
+
+def test_autocast_casts_operands():
+    offsets = torch.tensor([3, 5], dtype=torch.int32)
+    x, w = torch.randn(5, 16), torch.randn(2, 16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, offsets)
+    assert y.dtype == torch.bfloat16
+
+
+def test_auto_on_cpu_picks_fused_forward_and_loop_weight_gradient():
+    x, w = torch.randn(4, 16), torch.randn(2, 16, 8)
+    assert resolve_backend("auto", x, w).name == "auto[torch+loop]"
+    assert resolve_backend("auto", torch.randn(4, 13), torch.randn(2, 13, 8)).name == "auto[loop]"
+
+
+def test_bad_arguments_fail_with_one_clear_line():
+    with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
+        grouped_mm(torch.randn(2, 4), torch.randn(1, 4, 4), torch.tensor([2]), backend="cublas")
+    with pytest.raises(ValueError, match=r"x \[N, K\] and w \[E, K, P\]"):
+        grouped_mm(torch.randn(2, 4), torch.randn(1, 5, 4), torch.tensor([2]))
+    with pytest.raises(ValueError, match="one entry per expert"):
+        grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 4), torch.tensor([2]))
