@@ -74,7 +74,7 @@ class Router(nn.Module):
             if T == 0:
                 zero = logits_TE.sum()  # keeps the graph connected to the router weight
                 return RouterOutput(ids_TK, gates_TK, zero, zero, routed_E, zero.detach())
-            load_E = routed_E.float() / (T * self.top_k)
+            load_E = routed_E.to(probs_TE.dtype) / (T * self.top_k)
             aux_loss = E * torch.sum(load_E * probs_TE.mean(dim=0))
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
