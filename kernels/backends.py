@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,12 +138,11 @@ def resolve_backend(name: str, x_NK: Tensor, w_EKP: Tensor) -> GemmBackend:
         return TRITON
     if name != "auto":
         raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
-    fused = torch_gmm_supports(x_NK, w_EKP)
     if x_NK.is_cuda:
-        if fused:
+        if torch_gmm_supports(x_NK, w_EKP):
             return TORCH
         return TRITON if triton_available() else LOOP
-    # On the CPU grouped_mm matches the loop for y and dx, but its weight gradient is
-    # 2-4x slower than per-expert mm (scripts/bench_moe_layer.py measures both).
-    return GemmBackend("auto[torch+loop]" if fused else "auto[loop]",
-                       torch_gmm if fused else loop_gmm, loop_gmm_wgrad)
+    # On the CPU, per-expert mm into slices of one output beats grouped_mm, which
+    # concatenates per-group results and whose weight gradient is 2-4x slower
+    # (scripts/bench_moe_layer.py times both).
+    return LOOP

@@ -25,26 +25,29 @@ def gather_rows(src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None) 
 
 def combine_rows(y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None) -> Tensor:
     T, K = pos_TK.shape
-    D = y_ND.shape[1]
     if y_ND.shape[0] == 0:  # every copy dropped (or no tokens): nothing to read
-        return y_ND.new_zeros(T, D)
+        return y_ND.new_zeros(T, y_ND.shape[1])
     kept_TK = pos_TK >= 0
-    weight_TK = kept_TK.to(y_ND.dtype) if weight_TK is None else weight_TK.to(y_ND.dtype)
-    weight_TK = weight_TK * kept_TK  # a dropped copy reads row 0 below with weight 0
-    rows_TKD = y_ND[pos_TK.clamp(min=0)]
-    # bmm accumulates low-precision inputs in float32 and rounds once.
-    return torch.bmm(weight_TK.unsqueeze(1), rows_TKD).squeeze(1)
+    weight_TK = kept_TK if weight_TK is None else weight_TK * kept_TK
+    weight_TK = weight_TK.to(y_ND.dtype)
+    rows_TD = pos_TK.clamp(min=0)  # a dropped copy reads row 0 with weight 0
+    # One gather-multiply per choice level: K is small, and a [T,1,K] x [T,K,D] bmm is
+    # several times slower on the CPU.
+    out_TD = y_ND.index_select(0, rows_TD[:, 0]) * weight_TK[:, :1]
+    for k in range(1, K):
+        out_TD.addcmul_(y_ND.index_select(0, rows_TD[:, k]), weight_TK[:, k : k + 1])
+    return out_TD
 
 
 def copy_dot_rows(y_ND: Tensor, pos_TK: Tensor, g_TD: Tensor) -> Tensor:
     """``out[t, k] = <y[pos[t, k]], g[t]>``, 0 for dropped copies (the gate gradient).
 
-    Computed in float32 at least (float64 stays float64).
+    Summed in float32 at least (float64 stays float64).
     """
     T, K = pos_TK.shape
     dtype = torch.promote_types(y_ND.dtype, torch.float32)
     if y_ND.shape[0] == 0:
         return torch.zeros(T, K, dtype=dtype, device=g_TD.device)
-    rows_TKD = y_ND[pos_TK.clamp(min=0)].to(dtype)
-    dots_TK = torch.bmm(rows_TKD, g_TD.to(dtype).unsqueeze(2)).squeeze(2)
+    rows_TKD = y_ND[pos_TK.clamp(min=0)]
+    dots_TK = (rows_TKD * g_TD.unsqueeze(1)).sum(-1, dtype=dtype)
     return dots_TK * (pos_TK >= 0)

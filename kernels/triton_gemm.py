@@ -33,10 +33,26 @@ WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _gmm_kernel(
-    x_ptr, w_ptr, y_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-    K, P,
-    stride_xn, stride_xk, stride_we, stride_wk, stride_wp, stride_yn, stride_yp,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    offsets_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    K,
+    P,
+    stride_xn,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wp,
+    stride_yn,
+    stride_yp,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile)
@@ -53,27 +69,44 @@ def _gmm_kernel(
             k_ok = ks < K
             a = tl.load(
                 x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
             )
             b = tl.load(
                 w_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wp,
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
             )
             if WIDEN:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         tl.store(
             y_ptr + rows[:, None] * stride_yn + cols[None, :] * stride_yp,
-            acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
         )
 
 
 @triton.jit
 def _gmm_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, offsets_ptr,
-    K, P,
-    stride_xn, stride_xk, stride_dyn, stride_dyp, stride_we, stride_wk, stride_wp,
-    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    offsets_ptr,
+    K,
+    P,
+    stride_xn,
+    stride_xk,
+    stride_dyn,
+    stride_dyp,
+    stride_we,
+    stride_wk,
+    stride_wp,
+    PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     e = tl.program_id(0)
     ks = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -88,18 +121,21 @@ def _gmm_wgrad_kernel(
         row_ok = rows < end
         xt = tl.load(
             x_ptr + rows[None, :] * stride_xn + ks[:, None] * stride_xk,
-            mask=k_ok[:, None] & row_ok[None, :], other=0.0,
+            mask=k_ok[:, None] & row_ok[None, :],
+            other=0.0,
         )
         g = tl.load(
             dy_ptr + rows[:, None] * stride_dyn + cols[None, :] * stride_dyp,
-            mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )
         if WIDEN:
             xt, g = xt.to(tl.float32), g.to(tl.float32)
         acc = tl.dot(xt, g, acc, input_precision=PRECISION)
     tl.store(
         dw_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wp,
-        acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :],
+        acc.to(dw_ptr.dtype.element_ty),
+        mask=k_ok[:, None] & col_ok[None, :],
     )
 
 
@@ -135,9 +171,24 @@ def gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
     tile_expert, tile_row = _row_tiles(offsets_E, N)
     grid = (tile_expert.shape[0], triton.cdiv(P, BLOCK_N))
     _gmm_kernel[grid](
-        x_NK, w_EKP, y_NP, offsets_E, tile_expert, tile_row, K, P,
-        x_NK.stride(0), x_NK.stride(1), *w_EKP.stride(), y_NP.stride(0), y_NP.stride(1),
-        PRECISION=_precision(x_NK.dtype), WIDEN=WIDEN, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+        x_NK,
+        w_EKP,
+        y_NP,
+        offsets_E,
+        tile_expert,
+        tile_row,
+        K,
+        P,
+        x_NK.stride(0),
+        x_NK.stride(1),
+        *w_EKP.stride(),
+        y_NP.stride(0),
+        y_NP.stride(1),
+        PRECISION=_precision(x_NK.dtype),
+        WIDEN=WIDEN,
+        BM=BLOCK_M,
+        BN=BLOCK_N,
+        BK=BLOCK_K,
     )
     return y_NP
 
@@ -155,9 +206,22 @@ def gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
         return dw_EKP
     grid = (E, triton.cdiv(K, BLOCK_K), triton.cdiv(P, BLOCK_N))
     _gmm_wgrad_kernel[grid](
-        x_NK, dy_NP, dw_EKP, offsets_E, K, P,
-        x_NK.stride(0), x_NK.stride(1), dy_NP.stride(0), dy_NP.stride(1), *dw_EKP.stride(),
-        PRECISION=_precision(x_NK.dtype), WIDEN=WIDEN, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+        x_NK,
+        dy_NP,
+        dw_EKP,
+        offsets_E,
+        K,
+        P,
+        x_NK.stride(0),
+        x_NK.stride(1),
+        dy_NP.stride(0),
+        dy_NP.stride(1),
+        *dw_EKP.stride(),
+        PRECISION=_precision(x_NK.dtype),
+        WIDEN=WIDEN,
+        BM=BLOCK_M,
+        BN=BLOCK_N,
+        BK=BLOCK_K,
     )
     return dw_EKP
 

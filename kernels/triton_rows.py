@@ -20,8 +20,15 @@ BLOCK_D = 128
 
 @triton.jit
 def _gather_rows_kernel(
-    src_ptr, index_ptr, scale_ptr, out_ptr, D, stride_src, stride_out,
-    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    src_ptr,
+    index_ptr,
+    scale_ptr,
+    out_ptr,
+    D,
+    stride_src,
+    stride_out,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -35,8 +42,16 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _combine_rows_kernel(
-    y_ptr, pos_ptr, weight_ptr, out_ptr, D, stride_y, stride_out,
-    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr,
+    pos_ptr,
+    weight_ptr,
+    out_ptr,
+    D,
+    stride_y,
+    stride_out,
+    K: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -61,8 +76,15 @@ def gather_rows(src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None) 
         scale = scale_N.contiguous() if scale_N is not None else index_N
         grid = (N, triton.cdiv(D, BLOCK_D))
         _gather_rows_kernel[grid](
-            src_TD, index_N.contiguous(), scale, out_ND, D, src_TD.stride(0), out_ND.stride(0),
-            HAS_SCALE=scale_N is not None, BLOCK=BLOCK_D,
+            src_TD,
+            index_N.contiguous(),
+            scale,
+            out_ND,
+            D,
+            src_TD.stride(0),
+            out_ND.stride(0),
+            HAS_SCALE=scale_N is not None,
+            BLOCK=BLOCK_D,
         )
     return out_ND
 
@@ -82,8 +104,16 @@ def combine_rows(y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None) 
         weight = weight_TK.contiguous() if weight_TK is not None else pos_TK
         grid = (T, triton.cdiv(D, BLOCK_D))
         _combine_rows_kernel[grid](
-            y_ND, pos_TK.contiguous(), weight, out_TD, D, y_ND.stride(0), out_TD.stride(0),
-            K=K, HAS_WEIGHT=weight_TK is not None, BLOCK=BLOCK_D,
+            y_ND,
+            pos_TK.contiguous(),
+            weight,
+            out_TD,
+            D,
+            y_ND.stride(0),
+            out_TD.stride(0),
+            K=K,
+            HAS_WEIGHT=weight_TK is not None,
+            BLOCK=BLOCK_D,
         )
     return out_TD
 

@@ -42,8 +42,19 @@ def kept_copies(ids, gates, num_experts, capacity, priority):
     return kept
 
 
-def reference_moe(x, router_w, w_in, w_out, *, top_k, activation="swiglu", gate_mode="switch",
-                  capacity=None, priority="sequence", expert_bias=None):
+def reference_moe(
+    x,
+    router_w,
+    w_in,
+    w_out,
+    *,
+    top_k,
+    activation="swiglu",
+    gate_mode="switch",
+    capacity=None,
+    priority="sequence",
+    expert_bias=None,
+):
     """Per-token loop MoE. Returns (y, aux_loss, z_loss, kept set)."""
     E = router_w.shape[0]
     T = x.shape[0]

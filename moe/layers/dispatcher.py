@@ -23,7 +23,10 @@ class LocalDispatcher:
     """All experts live in this process: dispatch is a permutation of token copies."""
 
     def __init__(
-        self, num_experts: int, capacity_factor: float = 0.0, priority: str = "sequence",
+        self,
+        num_experts: int,
+        capacity_factor: float = 0.0,
+        priority: str = "sequence",
         backend: str = "auto",
     ):
         self.num_experts = num_experts

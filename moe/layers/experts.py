@@ -20,7 +20,11 @@ from .ffn import activate, init_projection_, projection_rows
 
 class GroupedExperts(nn.Module):
     def __init__(
-        self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "swiglu",
         backend: str = "auto",
     ):
         super().__init__()
@@ -37,7 +41,10 @@ class GroupedExperts(nn.Module):
         return self.w_in_EHD.shape[0]
 
     def _grouped_mm(self, x_NK: Tensor, w_EPK: Tensor, offsets_E: Tensor) -> Tensor:
-        """The one seam for the expert GEMM: ``x[g] @ w[e].T`` per group. Override to swap kernels."""
+        """The one seam for the expert GEMM: ``x[g] @ w[e].T`` per group.
+
+        Override it to swap in another kernel; everything else stays.
+        """
         return grouped_mm(x_NK, w_EPK.transpose(1, 2), offsets_E, backend=self.backend)
 
     def forward(self, x_ND: Tensor, offsets_E: Tensor) -> Tensor:

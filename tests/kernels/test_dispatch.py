@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from moe.kernels import expert_capacity, permute, plan_dispatch, unpermute
 from moe.kernels.backends import triton_available
+
 from tests.reference import kept_copies
 
 ROW_BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
@@ -10,8 +10,10 @@ ROW_BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
 
 def random_choices(T, K, E, g):
     """Distinct experts per token, as top-k gives."""
-    return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)] or
-                       [torch.zeros(0, K, dtype=torch.long)]).reshape(T, K)
+    return torch.stack(
+        [torch.randperm(E, generator=g)[:K] for _ in range(T)]
+        or [torch.zeros(0, K, dtype=torch.long)]
+    ).reshape(T, K)
 
 
 def kept_from_plan(plan):
@@ -79,7 +81,9 @@ def naive_unpermute(y, gates, plan):
 
 
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
-@pytest.mark.parametrize("T,K,E,cap", [(17, 2, 5, 5), (9, 1, 3, None), (1, 4, 4, None), (0, 2, 3, 2)])
+@pytest.mark.parametrize(
+    "T,K,E,cap", [(17, 2, 5, 5), (9, 1, 3, None), (1, 4, 4, None), (0, 2, 3, 2)]
+)
 def test_permute_unpermute_forward_and_gradients(backend, T, K, E, cap):
     dtype = torch.float64 if backend == "torch" else torch.float32
     g = torch.Generator().manual_seed(T + K)
@@ -107,5 +111,6 @@ def test_permute_unpermute_gradcheck_float64():
     plan = plan_dispatch(ids, 3, capacity=2)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     gates = torch.rand(4, 2, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda a, b: unpermute(permute(a, plan, "torch") ** 2, b, plan, "torch"),
-                             (x, gates))
+    torch.autograd.gradcheck(
+        lambda a, b: unpermute(permute(a, plan, "torch") ** 2, b, plan, "torch"), (x, gates)
+    )

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from moe.kernels import expert_capacity, torch_gmm_supports
 from moe.kernels.backends import triton_available
+
 from moe.layers import FeedForward, MoEConfig, MoELayer
 from tests.reference import reference_moe
 
@@ -21,12 +21,31 @@ SHAPES = {
 }
 
 
-def build(backend, T, D, F, E, k, capacity_factor, dtype, activation="swiglu",
-          gate_mode="switch", priority="sequence", seed=0):
+def build(
+    backend,
+    T,
+    D,
+    F,
+    E,
+    k,
+    capacity_factor,
+    dtype,
+    activation="swiglu",
+    gate_mode="switch",
+    priority="sequence",
+    seed=0,
+):
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=E, top_k=k, d_ff=F, capacity_factor=capacity_factor,
-                    capacity_priority=priority, gate_mode=gate_mode, activation=activation,
-                    backend=backend)
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=k,
+        d_ff=F,
+        capacity_factor=capacity_factor,
+        capacity_priority=priority,
+        gate_mode=gate_mode,
+        activation=activation,
+        backend=backend,
+    )
     layer = MoELayer(D, cfg).to(dtype)
     x = torch.randn(T, D, dtype=dtype, requires_grad=True)
     return layer, x
@@ -36,8 +55,9 @@ def params_of(layer):
     return [layer.router.weight_ED, layer.experts.w_in_EHD, layer.experts.w_out_EDF]
 
 
-def check_against_reference(layer, x, k, capacity_factor, tol, activation="swiglu",
-                            gate_mode="switch", priority="sequence"):
+def check_against_reference(
+    layer, x, k, capacity_factor, tol, activation="swiglu", gate_mode="switch", priority="sequence"
+):
     T = x.shape[0]
     E = layer.config.num_experts
     y, aux = layer(x)
@@ -46,8 +66,13 @@ def check_against_reference(layer, x, k, capacity_factor, tol, activation="swigl
     xr = x.detach().double().requires_grad_()
     cap = None if capacity_factor <= 0 else expert_capacity(capacity_factor, T, k, E)
     y_ref, aux_ref, z_ref, kept = reference_moe(
-        xr, *ref_params, top_k=k, activation=activation, gate_mode=gate_mode,
-        capacity=cap, priority=priority,
+        xr,
+        *ref_params,
+        top_k=k,
+        activation=activation,
+        gate_mode=gate_mode,
+        capacity=cap,
+        priority=priority,
     )
     torch.testing.assert_close(y.double(), y_ref, **tol)
     assert aux.kept_E.sum().item() == len(kept)
@@ -64,7 +89,7 @@ def check_against_reference(layer, x, k, capacity_factor, tol, activation="swigl
     loss_ref = (y_ref * g.double()).sum() + 0.3 * aux_ref + 0.1 * z_ref
     grads = torch.autograd.grad(loss, [x, *params_of(layer)])
     grads_ref = torch.autograd.grad(loss_ref, [xr, *ref_params])
-    for name, a, b in zip(["x", "router", "w_in", "w_out"], grads, grads_ref):
+    for name, a, b in zip(["x", "router", "w_in", "w_out"], grads, grads_ref, strict=True):
         torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
@@ -126,14 +151,18 @@ def test_one_expert_top1_equals_dense_ffn():
     y_dense = dense(x)
     torch.testing.assert_close(y, y_dense)
     g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_dense, x, g)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_dense, x, g)[0]
+    )
 
 
 def test_expert_init_matches_dense_ffn_statistics():
     layer = MoELayer(64, MoEConfig(num_experts=32, d_ff=96))
     dense = FeedForward(64, 96)
-    for moe_w, dense_w in [(layer.experts.w_in_EHD, dense.w_in.weight),
-                           (layer.experts.w_out_EDF, dense.w_out.weight)]:
+    for moe_w, dense_w in [
+        (layer.experts.w_in_EHD, dense.w_in.weight),
+        (layer.experts.w_out_EDF, dense.w_out.weight),
+    ]:
         assert moe_w.abs().max() <= dense_w.abs().max() * 1.01
         assert moe_w.std().item() == pytest.approx(dense_w.std().item(), rel=0.05)
 

@@ -1,0 +1,225 @@
+"""MoE layer forward+backward against a dense FFN of equal active FLOPs and against peers.
+
+Every implementation runs on the same inputs with the same weights, interleaved in one
+loop, and the table reports medians:
+
+- ``pct_of_dense``: dense FFN time / implementation time (throughput as % of dense; the
+  dense FFN has width ``top_k * d_ff``, so active FLOPs are equal).
+- ``pct_of_limit``: the limit is the larger of the dense FFN's time and the time to stream
+  the expert weights three times (read in forward, read in backward, write the gradient),
+  the latter measured in the same run with a copy plus a read of buffers of that size.
+- ``speedup_vs_<peer>``: peer time / our time on the same configuration.
+
+Examples:
+    python scripts/bench_moe_layer.py --quick
+    python scripts/bench_moe_layer.py --json benchmarks/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from moe.kernels import BACKENDS, triton_available
+from moe_peers import Impl, deepspeed_moe, transformers_moe
+
+from moe.layers import FeedForward, MoEConfig, MoELayer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=1024, help="hidden width of each expert")
+    p.add_argument("--experts", default="8,32,128", help="comma-separated expert counts")
+    p.add_argument("--top-k", default="1,2", help="comma-separated k values")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument(
+        "--backends",
+        default="auto,loop,torch",
+        help=f"our backends to time, from {BACKENDS} (triton: CUDA only)",
+    )
+    p.add_argument(
+        "--peers",
+        default="deepspeed,transformers",
+        help="peers to time: deepspeed, transformers, transformers_grouped_mm",
+    )
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="E in {8, 32}, k=1, 3 reps")
+    p.add_argument("--json", help="write one JSON row per measurement to this path")
+    args = p.parse_args()
+    if args.quick:
+        args.experts, args.top_k, args.reps, args.warmup = "8,32", "1", 3, 1
+    return args
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd_time(impl: Impl, x: torch.Tensor, grad: torch.Tensor, device: str) -> float:
+    """Milliseconds of one forward+backward, gradients freshly allocated as in training."""
+    for p in impl.module.parameters():
+        p.grad = None
+    xi = x.detach().requires_grad_()
+    sync(device)
+    start = time.perf_counter()
+    impl.run(xi).backward(grad)
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+class WeightTraffic(Impl):
+    """Stands for the memory limit: read, read again and write the expert weights' bytes."""
+
+    def __init__(self, num_bytes: int, dtype: torch.dtype, device: str):
+        n = num_bytes // torch.tensor([], dtype=dtype).element_size()
+        self.src = torch.randn(n, device=device).to(dtype)
+        self.dst = torch.zeros_like(self.src)  # touched now, so no page faults when timed
+        super().__init__("traffic", torch.nn.Module(), None)
+
+
+def weight_traffic_time(traffic: WeightTraffic, device: str) -> float:
+    """Milliseconds of a copy (one read, one write) plus a sum (one more read)."""
+    src, dst = traffic.src, traffic.dst
+    sync(device)
+    start = time.perf_counter()
+    dst.copy_(src)
+    src.sum()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def build_impls(args, E: int, k: int, dtype: torch.dtype) -> tuple[list[Impl], list[str]]:
+    torch.manual_seed(0)
+    D, F = args.d_model, args.d_ff
+    gate_mode = "switch" if k == 1 else "renormalize"  # what DeepSpeed's top-1/top-2 gates do
+    impls, skipped = [], []
+    reference = None
+    for backend in args.backends.split(","):
+        if backend == "triton" and (args.device != "cuda" or not triton_available()):
+            skipped.append("ours_triton: needs CUDA")
+            continue
+        torch.manual_seed(0)  # identical weights for every backend
+        cfg = MoEConfig(num_experts=E, top_k=k, d_ff=F, gate_mode=gate_mode, backend=backend)
+        layer = MoELayer(D, cfg).to(args.device, dtype)
+        if reference is None:
+            reference = layer
+        impls.append(Impl(f"ours_{backend}", layer, lambda x, m=layer: m(x)[0]))
+    dense = FeedForward(D, k * F).to(args.device, dtype)
+    impls.append(Impl("dense", dense, dense))
+    for peer in filter(None, args.peers.split(",")):
+        if peer == "deepspeed":
+            made = deepspeed_moe(reference, D)
+        else:
+            impl_name = "grouped_mm" if peer == "transformers_grouped_mm" else "eager"
+            made = transformers_moe(reference, D, impl_name)
+        if isinstance(made, str):
+            skipped.append(f"{peer}: {made}")
+        else:
+            impls.append(made)
+    return impls, skipped
+
+
+def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    impls, skipped = build_impls(args, E, k, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.tokens, args.d_model, generator=g).to(args.device, dtype)
+    grad = torch.randn(args.tokens, args.d_model, generator=g).to(args.device, dtype)
+
+    ours = impls[0]
+    with torch.no_grad():
+        y_ours = ours.run(x).float()
+        diffs = {i.name: (i.run(x).float() - y_ours).abs().max().item() for i in impls}
+    expert_bytes = sum(p.numel() * p.element_size() for p in ours.module.experts.parameters())
+
+    traffic = WeightTraffic(expert_bytes, dtype, args.device)
+    times: dict[str, list[float]] = {i.name: [] for i in [*impls, traffic]}
+    for rep in range(args.warmup + args.reps):
+        for impl in impls:  # interleaved: drift in machine speed hits everyone alike
+            ms = fwd_bwd_time(impl, x, grad, args.device)
+            if rep >= args.warmup:
+                times[impl.name].append(ms)
+        ms = weight_traffic_time(traffic, args.device)
+        if rep >= args.warmup:
+            times["traffic"].append(ms)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    limit = max(med["dense"], med["traffic"])
+    peers = [i.name for i in impls if not i.name.startswith("ours_") and i.name != "dense"]
+    rows = []
+    for impl in impls:
+        row = {
+            "impl": impl.name,
+            "dtype": dtype_name,
+            "num_experts": E,
+            "top_k": k,
+            "tokens": args.tokens,
+            "d_model": args.d_model,
+            "d_ff": args.d_ff,
+            "ms": round(med[impl.name], 3),
+            "pct_of_dense": round(100 * med["dense"] / med[impl.name], 1),
+            "pct_of_limit": round(100 * limit / med[impl.name], 1),
+            "limit_ms": round(limit, 3),
+            "traffic_ms": round(med["traffic"], 3),
+            "max_abs_diff_vs_ours": diffs[impl.name],
+        }
+        if impl.name.startswith("ours_"):
+            for peer in peers:
+                row[f"speedup_vs_{peer}"] = round(med[peer] / med[impl.name], 2)
+        rows.append(row)
+    for reason in skipped:
+        print(f"  skipped {reason}")
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    peers = sorted({key for r in rows for key in r if key.startswith("speedup_vs_")})
+    head = ["dtype", "E", "k", "impl", "ms", "%dense", "%limit", "maxdiff"] + [
+        p.replace("speedup_vs_", "x_") for p in peers
+    ]
+    print(" | ".join(f"{h:>12}" for h in head))
+    for r in rows:
+        cells = [
+            r["dtype"],
+            r["num_experts"],
+            r["top_k"],
+            r["impl"],
+            f"{r['ms']:.1f}",
+            f"{r['pct_of_dense']:.0f}%",
+            f"{r['pct_of_limit']:.0f}%",
+            f"{r['max_abs_diff_vs_ours']:.1e}",
+        ]
+        cells += [f"{r[p]:.2f}" if p in r else "" for p in peers]
+        print(" | ".join(f"{c!s:>12}" for c in cells))
+
+
+def main() -> None:
+    args = parse_args()
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"T={args.tokens} D={args.d_model} F={args.d_ff} (fwd+bwd, medians of {args.reps})"
+    )
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        for E in map(int, args.experts.split(",")):
+            for k in map(int, args.top_k.split(",")):
+                print(f"{dtype_name} E={E} k={k} ...", flush=True)
+                rows += bench_config(args, E, k, dtype_name)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
