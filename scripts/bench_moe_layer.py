@@ -137,9 +137,15 @@ def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
     grad = torch.randn(args.tokens, args.d_model, generator=g).to(args.device, dtype)
 
     ours = impls[0]
+    diffs = {}
     with torch.no_grad():
         y_ours = ours.run(x).float()
-        diffs = {i.name: (i.run(x).float() - y_ours).abs().max().item() for i in impls}
+        for impl in list(impls):
+            try:
+                diffs[impl.name] = (impl.run(x).float() - y_ours).abs().max().item()
+            except Exception as err:  # a peer that cannot run this dtype/device is reported
+                impls.remove(impl)
+                skipped.append(f"{impl.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
     expert_bytes = sum(p.numel() * p.element_size() for p in ours.module.experts.parameters())
 
     traffic = WeightTraffic(expert_bytes, dtype, args.device)

@@ -2,7 +2,10 @@ import os
 
 import torch
 
-# Triton kernels run on the CPU only through its interpreter, which must be chosen before
-# triton is first imported.
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    # On a GPU machine the same tests exercise the CUDA paths (native Triton, grouped_mm).
+    torch.set_default_device("cuda")
+else:
+    # Triton kernels run on the CPU only through its interpreter, which must be chosen
+    # before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")

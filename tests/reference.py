@@ -5,9 +5,27 @@ They share no code with the package beyond torch primitives, so agreement means 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the device tests create tensors on."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
+def on_cpu(test):
+    """Run a test on the CPU even where the suite defaults to CUDA (CPU-specific behaviour)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return test(*args, **kwargs)
+
+    return wrapper
 
 
 def act(h: Tensor, activation: str) -> Tensor:

@@ -3,7 +3,7 @@ import torch
 from moe.kernels import expert_capacity, permute, plan_dispatch, unpermute
 from moe.kernels.backends import triton_available
 
-from tests.reference import kept_copies
+from tests.reference import generator, kept_copies
 
 ROW_BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
 
@@ -43,7 +43,7 @@ def test_capacity_gate_priority_keeps_highest_gates():
 @pytest.mark.parametrize("priority", ["sequence", "gate"])
 @pytest.mark.parametrize("T,K,E,cap", [(40, 1, 4, 7), (33, 2, 5, 9), (21, 4, 6, 10), (5, 2, 8, 1)])
 def test_plan_matches_reference_capacity_rule(priority, T, K, E, cap):
-    g = torch.Generator().manual_seed(T * 100 + K)
+    g = generator(T * 100 + K)
     ids = random_choices(T, K, E, g)
     gates = torch.rand(T, K, generator=g)
     plan = plan_dispatch(ids, E, cap, gates, priority)
@@ -86,7 +86,7 @@ def naive_unpermute(y, gates, plan):
 )
 def test_permute_unpermute_forward_and_gradients(backend, T, K, E, cap):
     dtype = torch.float64 if backend == "torch" else torch.float32
-    g = torch.Generator().manual_seed(T + K)
+    g = generator(T + K)
     ids = random_choices(T, K, E, g)
     plan = plan_dispatch(ids, E, cap)
     x = torch.randn(T, 11, dtype=dtype, generator=g, requires_grad=True)

@@ -3,7 +3,7 @@ import torch
 from moe.kernels import grouped_mm, resolve_backend, torch_gmm_supports
 from moe.kernels.backends import triton_available
 
-from tests.reference import reference_gmm
+from tests.reference import generator, on_cpu, reference_gmm
 
 BACKENDS = ["loop", "torch", "auto"] + (["triton"] if triton_available() else [])
 
@@ -32,7 +32,7 @@ def test_grouped_mm_matches_per_group_reference(backend, case, transposed):
     dtype = dtype_for(backend)
     E, N = len(counts), sum(counts)
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    g = torch.Generator().manual_seed(N * 7 + K)
+    g = generator(N * 7 + K)
     x = torch.randn(N, K, dtype=dtype, generator=g, requires_grad=True)
     if transposed:  # the nn.Linear layout [E, P, K], used as a transposed view
         w_param = torch.randn(E, P, K, dtype=dtype, generator=g, requires_grad=True)
@@ -77,6 +77,7 @@ def test_bfloat16_close_to_float32(backend):
     torch.testing.assert_close(y.float(), reference_gmm(x, w, offsets), rtol=2e-2, atol=2e-1)
 
 
+@on_cpu
 def test_autocast_casts_operands():
     offsets = torch.tensor([3, 5], dtype=torch.int32)
     x, w = torch.randn(5, 16), torch.randn(2, 16, 8)
@@ -85,6 +86,7 @@ def test_autocast_casts_operands():
     assert y.dtype == torch.bfloat16
 
 
+@on_cpu
 def test_auto_on_cpu_picks_the_loop():
     x, w = torch.randn(4, 16), torch.randn(2, 16, 8)
     assert resolve_backend("auto", x, w).name == "loop"

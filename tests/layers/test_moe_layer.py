@@ -6,7 +6,7 @@ from moe.kernels import expert_capacity, torch_gmm_supports
 from moe.kernels.backends import triton_available
 
 from moe.layers import FeedForward, MoEConfig, MoELayer
-from tests.reference import reference_moe
+from tests.reference import on_cpu, reference_moe
 
 BACKENDS = ["loop", "torch", "auto"] + (["triton"] if triton_available() else [])
 
@@ -177,6 +177,7 @@ def test_uniform_routing_gives_unit_aux_loss():
     assert aux.entropy.item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
 
 
+@on_cpu
 def test_bfloat16_autocast_keeps_router_in_float32():
     layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, d_ff=8))
     x = torch.randn(2, 5, 16)
