@@ -97,7 +97,12 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton():
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton(x_NK: Tensor):
+    if x_NK.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {x_NK.dtype}; use 'loop'")
     if not triton_available():
         raise ValueError(
             "backend='triton' needs the triton package and a CUDA device "
@@ -109,11 +114,11 @@ def _triton():
 
 
 def triton_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
-    return _triton().gmm(x_NK, w_EKP, offsets_E)
+    return _triton(x_NK).gmm(x_NK, w_EKP, offsets_E)
 
 
 def triton_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
-    return _triton().gmm_wgrad(x_NK, dy_NP, offsets_E)
+    return _triton(x_NK).gmm_wgrad(x_NK, dy_NP, offsets_E)
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,8 @@ def resolve_backend(name: str, x_NK: Tensor, w_EKP: Tensor) -> GemmBackend:
     if x_NK.is_cuda:
         if torch_gmm_supports(x_NK, w_EKP):
             return TORCH
-        return TRITON if triton_available() else LOOP
+        use_triton = triton_available() and x_NK.dtype in TRITON_DTYPES
+        return TRITON if use_triton else LOOP
     # On the CPU, per-expert mm into slices of one output beats grouped_mm, which
     # concatenates per-group results and whose weight gradient is 2-4x slower
     # (scripts/bench_moe_layer.py times both).

@@ -21,9 +21,10 @@ from .backends import triton_available
 from .dispatch_plan import DispatchPlan
 
 
-def _row_impl(backend: str, device: torch.device):
-    """Triton row kernels for ``backend='triton'`` (and ``auto`` on CUDA); PyTorch otherwise."""
-    if backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_available()):
+def _row_impl(backend: str):
+    """Triton row kernels for ``backend='triton'``; PyTorch's gathers otherwise, ``auto``
+    included: on an H100 they beat our row kernels (benchmarks/results/)."""
+    if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs triton and CUDA (or TRITON_INTERPRET=1)")
         from . import triton_rows
@@ -35,7 +36,7 @@ def _row_impl(backend: str, device: torch.device):
 class Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, plan: DispatchPlan, backend: str) -> Tensor:
-        ops = _row_impl(backend, x_TD.device)
+        ops = _row_impl(backend)
         ctx.ops, ctx.plan = ops, plan
         return ops.gather_rows(x_TD, plan.row_token_N)
 
@@ -47,7 +48,7 @@ class Permute(torch.autograd.Function):
 class Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND: Tensor, gates_TK: Tensor, plan: DispatchPlan, backend: str) -> Tensor:
-        ops = _row_impl(backend, y_ND.device)
+        ops = _row_impl(backend)
         ctx.ops, ctx.plan = ops, plan
         ctx.save_for_backward(y_ND, gates_TK)
         return ops.combine_rows(y_ND, plan.pos_TK, gates_TK)

@@ -1,0 +1,57 @@
+"""Where an MoE layer's forward+backward spends its time: a torch.profiler table.
+
+python scripts/profile_moe_layer.py --experts 32 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from moe.layers import MoEConfig, MoELayer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=20, help="table rows")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        num_experts=args.experts, top_k=args.top_k, d_ff=args.d_ff, backend=args.backend
+    )
+    layer = MoELayer(args.d_model, cfg).to(args.device, dtype)
+    x = torch.randn(args.tokens, args.d_model, device=args.device, dtype=dtype)
+    grad = torch.randn_like(x)
+
+    def step():
+        for param in layer.parameters():
+            param.grad = None
+        layer(x.requires_grad_())[0].backward(grad)
+
+    for _ in range(2):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
