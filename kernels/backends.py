@@ -17,6 +17,7 @@ per primitive what is fastest and correct for the device and dtype.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +29,29 @@ from torch import Tensor
 BACKENDS = ("auto", "loop", "torch", "triton")
 
 
-def _group_bounds(offsets_E: Tensor) -> list[int]:
-    return [0, *offsets_E.tolist()]
+# oneDNN, which runs bfloat16/float16 matmuls on the CPU, compiles a kernel for every new
+# row count and caches a bounded number; routing changes the counts every step. Splitting
+# each group into a multiple of ROW_QUANTUM rows plus a remainder keeps the set of shapes
+# small. Measured on 2 cores, E=8, bf16, fresh routing every call: 30 ms -> 6 ms for one
+# [4096 x 512] x [512 x 2048] projection.
+ROW_QUANTUM = 64
+
+
+def _group_pieces(x_NK: Tensor, offsets_E: Tensor) -> list[list[tuple[int, int]]]:
+    """Row ranges per expert: the group itself, or its bulk and remainder (see above)."""
+    bounds = [0, *offsets_E.tolist()]
+    split = x_NK.device.type == "cpu" and x_NK.dtype in (torch.bfloat16, torch.float16)
+    pieces = []
+    for lo, hi in itertools.pairwise(bounds):
+        mid = lo + (hi - lo) // ROW_QUANTUM * ROW_QUANTUM if split else hi
+        pieces.append([(a, b) for a, b in ((lo, mid), (mid, hi)) if b > a])
+    return pieces
 
 
 def loop_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
     y_NP = x_NK.new_empty(x_NK.shape[0], w_EKP.shape[2])
-    bounds = _group_bounds(offsets_E)
-    for e in range(w_EKP.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
+    for e, rows in enumerate(_group_pieces(x_NK, offsets_E)):
+        for lo, hi in rows:
             torch.mm(x_NK[lo:hi], w_EKP[e], out=y_NP[lo:hi])
     return y_NP
 
@@ -45,13 +59,14 @@ def loop_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
 def loop_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
     E = offsets_E.shape[0]
     dw_EKP = x_NK.new_empty(E, x_NK.shape[1], dy_NP.shape[1])
-    bounds = _group_bounds(offsets_E)
-    for e in range(E):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            torch.mm(x_NK[lo:hi].t(), dy_NP[lo:hi], out=dw_EKP[e])
-        else:
+    for e, rows in enumerate(_group_pieces(x_NK, offsets_E)):
+        if not rows:
             dw_EKP[e].zero_()
+        for i, (lo, hi) in enumerate(rows):
+            if i == 0:
+                torch.mm(x_NK[lo:hi].t(), dy_NP[lo:hi], out=dw_EKP[e])
+            else:
+                dw_EKP[e].addmm_(x_NK[lo:hi].t(), dy_NP[lo:hi])
     return dw_EKP
 
 

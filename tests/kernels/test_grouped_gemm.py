@@ -66,15 +66,24 @@ def test_grouped_mm_matches_per_group_reference(backend, case, transposed):
     assert w_param.grad.stride() == w_param.stride()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "loop"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_close_to_float32(backend):
-    counts = [9, 0, 17, 6]
+    # Groups above 64 rows exercise the loop's bulk + remainder split for bfloat16.
+    counts = [9, 0, 130, 64, 6]
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    x = torch.randn(sum(counts), 32)
-    w = torch.randn(4, 32, 16)
-    y = grouped_mm(x.bfloat16(), w.bfloat16(), offsets, backend=backend)
+    x = torch.randn(sum(counts), 32, requires_grad=True)
+    w = torch.randn(5, 32, 16, requires_grad=True)
+    xb = x.detach().bfloat16().requires_grad_()
+    wb = w.detach().bfloat16().requires_grad_()
+    y = grouped_mm(xb, wb, offsets, backend=backend)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), reference_gmm(x, w, offsets), rtol=2e-2, atol=2e-1)
+    ref = reference_gmm(x, w, offsets)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-1)
+    dy = torch.randn_like(ref)
+    y.backward(dy.bfloat16())
+    ref.backward(dy)
+    torch.testing.assert_close(xb.grad.float(), x.grad, rtol=2e-2, atol=3e-1)
+    torch.testing.assert_close(wb.grad.float(), w.grad, rtol=2e-2, atol=6e-1)
 
 
 @on_cpu
