@@ -4,7 +4,13 @@ Importable with torch alone; Triton is loaded only when the ``triton`` backend r
 """
 
 from .backends import BACKENDS, resolve_backend, torch_gmm_supports, triton_available
-from .dispatch_plan import PRIORITIES, DispatchPlan, expert_capacity, plan_dispatch
+from .dispatch_plan import (
+    PRIORITIES,
+    DispatchPlan,
+    count_per_expert,
+    expert_capacity,
+    plan_dispatch,
+)
 from .grouped_gemm import grouped_mm
 from .permute import permute, unpermute
 
@@ -12,6 +18,7 @@ __all__ = [
     "BACKENDS",
     "PRIORITIES",
     "DispatchPlan",
+    "count_per_expert",
     "expert_capacity",
     "grouped_mm",
     "permute",

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ("auto", "loop", "torch", "triton")
+# torch 2.11 runs float32 grouped_mm on CUDA (exact, no TF32; checked on an H100 with this
+# suite); older builds take bfloat16 only there.
+_CUDA_FLOAT32_GROUPED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
 
 
 # oneDNN, which runs bfloat16/float16 matmuls on the CPU, compiles a kernel for every new
@@ -74,8 +77,9 @@ def torch_gmm_supports(x_NK: Tensor, w_EKP: Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` takes these operands on this build."""
     if not hasattr(F, "grouped_mm"):
         return False
-    dtypes = (torch.bfloat16,) if x_NK.is_cuda else (torch.float32, torch.bfloat16)
-    if x_NK.dtype not in dtypes:
+    if x_NK.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if x_NK.is_cuda and x_NK.dtype == torch.float32 and not _CUDA_FLOAT32_GROUPED_MM:
         return False
     if x_NK.is_cuda and torch.cuda.get_device_capability(x_NK.device) < (8, 0):
         return False

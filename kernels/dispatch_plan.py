@@ -57,6 +57,17 @@ class DispatchPlan:
         return self.pos_TK.numel()
 
 
+def count_per_expert(ids: Tensor, num_experts: int) -> Tensor:
+    """How many entries of ``ids`` name each expert (int64 [E]).
+
+    A scatter-add rather than ``torch.bincount``, which waits for the GPU to learn its
+    output size.
+    """
+    flat = ids.reshape(-1).long()
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """Rows each expert may take: ``ceil(capacity_factor * T * K / E)``.
 
@@ -97,7 +108,7 @@ def plan_dispatch(
     sorted_copies = copies[by_expert]
     sorted_experts = experts[by_expert]
 
-    routed_E = torch.bincount(ids_TK.reshape(-1), minlength=num_experts)
+    routed_E = count_per_expert(ids_TK, num_experts)
     if capacity is not None and capacity < T * K:
         starts_E = torch.cumsum(routed_E, 0) - routed_E
         rank = torch.arange(T * K, device=device) - starts_E[sorted_experts]

@@ -48,6 +48,6 @@ def copy_dot_rows(y_ND: Tensor, pos_TK: Tensor, g_TD: Tensor) -> Tensor:
     dtype = torch.promote_types(y_ND.dtype, torch.float32)
     if y_ND.shape[0] == 0:
         return torch.zeros(T, K, dtype=dtype, device=g_TD.device)
-    rows_TKD = y_ND[pos_TK.clamp(min=0)]
+    rows_TKD = y_ND.index_select(0, pos_TK.clamp(min=0).reshape(-1)).view(T, K, -1)
     dots_TK = (rows_TKD * g_TD.unsqueeze(1)).sum(-1, dtype=dtype)
     return dots_TK * (pos_TK >= 0)

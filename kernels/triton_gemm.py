@@ -27,7 +27,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+BLOCK_M = 128  # rows per forward tile; fixed because the tile schedule is built from it
+
+
+def _launch_config(dtype: torch.dtype) -> dict:
+    """Tile sizes and pipelining: 128x128 tiles for Hopper-class GPUs; float32 tiles take
+    twice the shared memory, so shorter K-steps and two stages (the weight-gradient kernel's
+    [128 x 128] float32 row block would not fit three). The interpreter ignores both."""
+    if dtype == torch.float32:
+        return {"BM": BLOCK_M, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2}
+    return {"BM": BLOCK_M, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
 WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -169,7 +178,8 @@ def gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
     if K == 0:
         return y_NP.zero_()
     tile_expert, tile_row = _row_tiles(offsets_E, N)
-    grid = (tile_expert.shape[0], triton.cdiv(P, BLOCK_N))
+    cfg = _launch_config(x_NK.dtype)
+    grid = (tile_expert.shape[0], triton.cdiv(P, cfg["BN"]))
     _gmm_kernel[grid](
         x_NK,
         w_EKP,
@@ -186,9 +196,7 @@ def gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
         y_NP.stride(1),
         PRECISION=_precision(x_NK.dtype),
         WIDEN=WIDEN,
-        BM=BLOCK_M,
-        BN=BLOCK_N,
-        BK=BLOCK_K,
+        **cfg,
     )
     return y_NP
 
@@ -204,7 +212,8 @@ def gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
     dw_EKP = x_NK.new_empty(E, K, P)
     if dw_EKP.numel() == 0:
         return dw_EKP
-    grid = (E, triton.cdiv(K, BLOCK_K), triton.cdiv(P, BLOCK_N))
+    cfg = _launch_config(x_NK.dtype)
+    grid = (E, triton.cdiv(K, cfg["BK"]), triton.cdiv(P, cfg["BN"]))
     _gmm_wgrad_kernel[grid](
         x_NK,
         dy_NP,
@@ -219,9 +228,7 @@ def gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
         *dw_EKP.stride(),
         PRECISION=_precision(x_NK.dtype),
         WIDEN=WIDEN,
-        BM=BLOCK_M,
-        BN=BLOCK_N,
-        BK=BLOCK_K,
+        **cfg,
     )
     return dw_EKP
 

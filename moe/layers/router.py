@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe.kernels import count_per_expert
+
 from .config import MoEConfig
 
 
@@ -70,7 +72,7 @@ class Router(nn.Module):
                 gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
 
             T, E = probs_TE.shape
-            routed_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+            routed_E = count_per_expert(ids_TK, E)
             if T == 0:
                 zero = logits_TE.sum()  # keeps the graph connected to the router weight
                 return RouterOutput(ids_TK, gates_TK, zero, zero, routed_E, zero.detach())

@@ -1,0 +1,51 @@
+"""Grouped-query self-attention with rotary positions and optional QK-norm.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, G key/value heads,
+C head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [S, C] in the half-split layout (``transformers``' ``rotate_half``)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSC: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
+    first, second = x_BHSC.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x_BHSC * cos_SC + rotated * sin_SC).to(x_BHSC.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(self, x_BSD: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
+        q = rearrange(self.q_proj(x_BSD), "b s (h c) -> b h s c", h=self.n_heads)
+        k = rearrange(self.k_proj(x_BSD), "b s (g c) -> b g s c", g=self.n_kv_heads)
+        v = rearrange(self.v_proj(x_BSD), "b s (g c) -> b g s c", g=self.n_kv_heads)
+        q = apply_rotary(self.q_norm(q), cos_SC, sin_SC)
+        k = apply_rotary(self.k_norm(k), cos_SC, sin_SC)
+        if self.n_kv_heads != self.n_heads:  # explicit repeat: works on every SDPA backend
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(rearrange(out, "b h s c -> b s (h c)"))

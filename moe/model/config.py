@@ -1,0 +1,73 @@
+"""Typed configuration of the decoder-only MoE language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe.layers import MoEConfig
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer. Shape letters used in the model code: B batch, S sequence,
+    D ``d_model``, H heads, G key/value heads, C head dim, V vocabulary.
+
+    vocab_size: tokenizer size (V).
+    d_model: residual width (D).
+    n_layers: transformer blocks.
+    n_heads / n_kv_heads: query heads and key/value heads (grouped-query attention;
+        ``n_kv_heads`` must divide ``n_heads``).
+    d_ff: hidden width of the dense SwiGLU FFN in blocks without MoE.
+    moe_every: blocks ``i`` with ``(i + 1) % moe_every == 0`` use an MoE FFN (1 = every
+        block, 2 = every other block as in Switch; Qwen3-MoE's ``decoder_sparse_step``);
+        0 = no MoE at all (the dense baseline).
+    moe: the MoE layer's knobs.
+    qk_norm: RMSNorm on each head's queries and keys (Qwen3 style).
+    tie_embeddings: share the input embedding with the output projection.
+    rope_theta: rotary position base.
+    max_seq_len: longest sequence the rotary table covers.
+    norm_eps: RMSNorm epsilon.
+    init_std: std of embeddings and the router; projections use ``nn.Linear``'s init.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 256
+    moe_every: int = 1
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    qk_norm: bool = True
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                     "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.d_model / model.n_heads must be even for rotary positions")
+        if self.moe_every < 0:
+            raise ValueError(f"model.moe_every must be >= 0, got {self.moe_every}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_block(self, index: int) -> bool:
+        return self.moe_every > 0 and (index + 1) % self.moe_every == 0

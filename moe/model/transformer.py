@@ -1,0 +1,125 @@
+"""Decoder-only transformer whose FFNs are MoE layers every ``moe_every`` blocks.
+
+Shape legend: B batch, S sequence, D model dim, V vocabulary.
+
+Single-device code: parallelism is applied from outside (``moe.parallel``) by swapping the
+MoE layers' dispatchers; nothing here touches ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moe.layers import FeedForward, MoEAux, MoELayer
+
+from .attention import Attention, rotary_tables
+from .config import ModelConfig
+
+CHECKPOINTING = ("none", "full", "moe")
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, S, V]; aux_loss and z_loss summed over MoE layers (0 without MoE);
+    moe: each MoE layer's ``MoEAux`` in block order."""
+
+    logits: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+    moe: list[MoEAux] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        d = config.d_model
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn = Attention(d, config.n_heads, config.n_kv_heads, config.qk_norm, config.norm_eps)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.is_moe = config.is_moe_block(index)
+        self.ffn = MoELayer(d, config.moe) if self.is_moe else FeedForward(d, config.d_ff)
+        self.checkpoint_ffn = False  # selective activation checkpointing of the MoE FFN
+
+    def _ffn(self, h: Tensor) -> tuple[Tensor, MoEAux | None]:
+        if self.is_moe:
+            return self.ffn(h)
+        return self.ffn(h), None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEAux | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if self.checkpoint_ffn and torch.is_grad_enabled():
+            y, aux = checkpoint(self._ffn, h, use_reentrant=False)
+        else:
+            y, aux = self._ffn(h)
+        return x + y, aux
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rotary_tables(config.max_seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpointing = "none"
+
+    def set_checkpointing(self, mode: str) -> None:
+        """Activation checkpointing: ``none``, ``full`` (whole blocks) or ``moe`` (MoE FFNs)."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
+        self.checkpointing = mode
+        for block in self.blocks:
+            block.checkpoint_ffn = mode == "moe" and block.is_moe
+
+    def forward(self, input_ids_BS: Tensor) -> ModelOutput:
+        S = input_ids_BS.shape[1]
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.embed(input_ids_BS)
+        auxes = []
+        for block in self.blocks:
+            if self.checkpointing == "full" and torch.is_grad_enabled():
+                x, aux = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin)
+            if aux is not None:
+                auxes.append(aux)
+        logits = self.lm_head(self.norm(x))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = sum((a.aux_loss for a in auxes), zero)
+        z_loss = sum((a.z_loss for a in auxes), zero)
+        return ModelOutput(logits, aux_loss, z_loss, auxes)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters and those active for one token (top-k of each MoE layer's experts)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for block in self.blocks:
+            if block.is_moe:
+                experts = block.ffn.experts
+                per_expert = sum(p[0].numel() for p in experts.parameters())
+                inactive += per_expert * (experts.num_experts - block.ffn.config.top_k)
+        return {"total": total, "active": total - inactive}
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 x active matmul parameters plus attention scores
+        (``12 * layers * d_model * seq_len``, forward and backward), embeddings excluded
+        as a lookup (the tied output projection counts)."""
+        active = self.parameter_counts()["active"] - self.embed.weight.numel()
+        active += self.lm_head.weight.numel()  # a matmul even when tied
+        norms = sum(p.numel() for n, p in self.named_parameters() if "norm" in n)
+        cfg = self.config
+        return 6 * (active - norms) + 12 * cfg.n_layers * cfg.d_model * seq_len
