@@ -85,7 +85,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, input_ids_BS: Tensor) -> ModelOutput:
         S = input_ids_BS.shape[1]
-        if S > self.config.max_seq_len:
+        if self.config.max_seq_len < S:
             raise ValueError(f"sequence of {S} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x = self.embed(input_ids_BS)
