@@ -86,7 +86,8 @@ class MoETransformer(nn.Module):
     def forward(self, input_ids_BS: Tensor) -> ModelOutput:
         S = input_ids_BS.shape[1]
         if self.config.max_seq_len < S:
-            raise ValueError(f"sequence of {S} tokens exceeds model.max_seq_len ({self.config.max_seq_len})")
+            limit = self.config.max_seq_len
+            raise ValueError(f"sequence of {S} tokens exceeds model.max_seq_len ({limit})")
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x = self.embed(input_ids_BS)
         auxes = []
