@@ -51,20 +51,20 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
                      "max_seq_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(
-                f"model.d_model ({self.d_model}) must be divisible by "
-                f"model.n_heads ({self.n_heads})"
+                f"d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"model.n_kv_heads ({self.n_kv_heads}) must divide model.n_heads ({self.n_heads})"
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})"
             )
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError("model.d_model / model.n_heads must be even for rotary positions")
+            raise ValueError("d_model / n_heads must be even for rotary positions")
         if self.moe_every < 0:
-            raise ValueError(f"model.moe_every must be >= 0, got {self.moe_every}")
+            raise ValueError(f"moe_every must be >= 0, got {self.moe_every}")
 
     @property
     def head_dim(self) -> int:

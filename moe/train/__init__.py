@@ -1,0 +1,1 @@
+"""The trainer: Hydra entry point, data, optimizer, checkpoints, metrics."""

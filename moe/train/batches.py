@@ -1,0 +1,58 @@
+"""Token streams packed into fixed-length sequences, served in a seeded order.
+
+Shape legend: B sequences, S ``seq_len``.
+
+Sequence ``i`` of a stream is tokens ``[i*S, i*S + S]`` (S+1 tokens: inputs and shifted
+targets). The training order is a fresh seeded permutation per epoch, and the sampler's
+whole state is one integer, the number of sequences served so far. The sequences of a
+global batch depend only on that position, never on the world size, so one process and N
+processes see the same data at every step; each rank takes its slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import ConfigError
+
+
+class PackedSequences:
+    def __init__(self, stream: np.ndarray, seq_len: int, name: str):
+        count = (len(stream) - 1) // seq_len
+        if count < 1:
+            raise ConfigError(
+                f"the {name} split has {len(stream)} tokens, fewer than one sequence of "
+                f"train.seq_len={seq_len}; add data or lower train.seq_len"
+            )
+        self.stream = torch.from_numpy(stream[: count * seq_len + 1].astype(np.int64))
+        self.seq_len = seq_len
+        self.count = count
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and targets [B, S] for the given sequence indices."""
+        starts = indices.unsqueeze(1) * self.seq_len
+        window = self.stream[starts + torch.arange(self.seq_len + 1)]
+        return window[:, :-1], window[:, 1:]
+
+
+class Sampler:
+    """Seeded epoch permutations over ``count`` sequences, addressed by a global position."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed = count, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.count, generator=g)
+        return self._perm
+
+    def indices(self, position: int, n: int) -> Tensor:
+        """Sequence indices for positions ``position .. position + n - 1``."""
+        out = []
+        for pos in range(position, position + n):
+            out.append(self._permutation(pos // self.count)[pos % self.count])
+        return torch.stack(out)

@@ -1,0 +1,250 @@
+"""The run's configuration as typed dataclasses, validated before anything heavy starts.
+
+Hydra composes a ``DictConfig``; ``RunConfig.from_dict`` turns it into these dataclasses,
+rejecting unknown keys and bad values with one line that names the key. The model and the
+trainer never see a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from moe.layers import MoEConfig
+from moe.model import CHECKPOINTING, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; its message is one line that says what to change."""
+
+
+@dataclass
+class TrainSection:
+    """max_steps: optimizer steps. global_batch_size: sequences per optimizer step, all ranks
+    together. micro_batch_size: sequences per rank per forward (accumulation is derived).
+    seq_len: tokens per sequence. deterministic: deterministic kernels and a seeded data order
+    (bitwise-reproducible on the CPU). dtype: float32, or bfloat16 autocast.
+    checkpointing: activation checkpointing none/full/moe. compile: torch.compile the model.
+    aux_loss_coef / z_loss_coef: weights of the MoE losses in the total loss.
+    grad_clip: max global gradient norm (<= 0: off). log_every: steps between log lines."""
+
+    max_steps: int = 800
+    global_batch_size: int = 16
+    micro_batch_size: int = 16
+    seq_len: int = 128
+    deterministic: bool = False
+    dtype: str = "float32"
+    checkpointing: str = "none"
+    compile: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ConfigError(f"train.checkpointing must be one of {CHECKPOINTING}")
+        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
+            raise ConfigError("train.aux_loss_coef and train.z_loss_coef must be >= 0")
+
+
+@dataclass
+class OptimSection:
+    """AdamW with warmup then cosine decay to ``lr * min_lr_ratio``. No weight decay on
+    norms, biases and embeddings. Expert weights use ``lr * expert_lr_scale``."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    expert_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr must be a positive number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.expert_lr_scale <= 0:
+            raise ConfigError("optim.warmup_steps/weight_decay must be >= 0, expert_lr_scale > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+
+
+@dataclass
+class DataSection:
+    """path: local text/jsonl/parquet files (a file, a directory or a glob); None builds the
+    embedded corpus from the Python standard library's source files. hub_name: a Hugging Face
+    dataset name (needs a network). text_field: the column holding text in jsonl/parquet.
+    tokenizer: ``byte`` (256 ids) or ``bpe`` (trained locally, saved with the run).
+    bpe_vocab_size: BPE vocabulary size. val_fraction: share of tokens held out for eval.
+    max_corpus_mb: cap on the embedded corpus. cache_dir: where the corpus is cached
+    (default ``~/.cache/moe-train``)."""
+
+    path: str | None = None
+    hub_name: str | None = None
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 2048
+    val_fraction: float = 0.05
+    max_corpus_mb: float = 8.0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("byte", "bpe"):
+            raise ConfigError(f"data.tokenizer must be byte or bpe, got {self.tokenizer!r}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.bpe_vocab_size < 257:
+            raise ConfigError("data.bpe_vocab_size must be > 256 (the byte alphabet)")
+        if self.max_corpus_mb <= 0:
+            raise ConfigError("data.max_corpus_mb must be > 0")
+
+
+@dataclass
+class EvalSection:
+    """every: steps between validation passes (and one at the end). batches: batches of
+    ``train.micro_batch_size`` sequences per pass."""
+
+    every: int = 100
+    batches: int = 8
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.batches < 1:
+            raise ConfigError("eval.every and eval.batches must be >= 1")
+
+
+@dataclass
+class CheckpointSection:
+    """every: steps between checkpoints (one is always written at the end). keep: how many
+    of the newest checkpoints to keep."""
+
+    every: int = 200
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+
+
+@dataclass
+class WandbSection:
+    """mode: offline (default; sync later with ``wandb sync``), online or disabled."""
+
+    mode: str = "offline"
+    project: str = "moe-train"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(
+                f"logger.wandb.mode must be offline, online or disabled, got {self.mode!r}"
+            )
+
+
+@dataclass
+class LoggerSection:
+    wandb: WandbSection = field(default_factory=WandbSection)
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelSection:
+    """ep: expert-parallel degree (1 until the expert-parallel dispatcher lands)."""
+
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ep != 1:
+            raise ConfigError("parallel.ep > 1 is not available yet; use parallel.ep=1")
+
+
+@dataclass
+class RunConfig:
+    """seed: seeds weights, data order and router jitter. resume: ``none``, ``auto`` (newest
+    complete checkpoint of the run directory) or a checkpoint path. device: auto, cpu or cuda."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logger: LoggerSection = field(default_factory=LoggerSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    seed: int = 0
+    resume: str = "none"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+                f"({self.model.max_seq_len})"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        return _build(cls, values, "")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from nested dicts, checking keys and scalar types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _check_scalar(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the layer's and model's own checks name the bare field
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _check_scalar(value: Any, hint: Any, key: str) -> Any:
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+    elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif str in allowed and isinstance(value, str):
+        return value
+    wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+
+
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "RunConfig"]

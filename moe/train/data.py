@@ -1,0 +1,49 @@
+"""The run's data: tokenizer plus packed train and validation sequences."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from .batches import PackedSequences
+from .config import DataSection
+from .corpus import cache_dir, load_texts, source_key, tokenize_to_stream
+from .tokenizer import byte_tokenizer, train_bpe
+
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: PackedSequences
+    val: PackedSequences
+
+
+def build_data(data: DataSection, seq_len: int, tokenizer: Tokenizer | None = None) -> RunData:
+    """Load text, build the tokenizer (or use the given one, e.g. a checkpoint's), tokenize
+    (cached) and split off the last ``val_fraction`` of the token stream for validation.
+    A BPE tokenizer is trained on the whole text (its vocabulary, not the model, sees the
+    validation part)."""
+    texts = load_texts(data)
+    key = source_key(data, texts)
+    spec = "byte" if data.tokenizer == "byte" else f"bpe{data.bpe_vocab_size}"
+    root = cache_dir(data)
+    tok_path = root / f"tokenizer-{key}-{spec}.json"
+    if tokenizer is not None:
+        spec = "given-" + hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:12]
+    elif data.tokenizer == "byte":
+        tokenizer = byte_tokenizer()
+    elif tok_path.exists():
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    else:
+        tokenizer = train_bpe(texts, data.bpe_vocab_size)
+        root.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(tok_path))
+    stream = tokenize_to_stream(texts, tokenizer, root / f"tokens-{key}-{spec}.npy")
+    cut = int(len(stream) * (1 - data.val_fraction))
+    return RunData(
+        tokenizer=tokenizer,
+        train=PackedSequences(stream[:cut], seq_len, "train"),
+        val=PackedSequences(stream[cut:], seq_len, "validation"),
+    )

@@ -1,0 +1,76 @@
+"""Where metrics go: ``metrics.jsonl`` in the run directory, Weights & Biases, and the
+console's progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import WandbSection
+
+
+class MetricsLog:
+    """Appends one JSON object per line; W&B gets the same numbers plus load histograms."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: WandbSection, config: dict, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if enabled and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
+                name=wandb_cfg.name or run_dir.name, mode=wandb_cfg.mode, dir=str(run_dir),
+                config=config, reinit="finish_previous",
+            )
+
+    def write(self, record: dict, expert_loads: list[torch.Tensor] | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            payload = {
+                (f"val/{k}" if record.get("split") == "val" else f"train/{k}"): v
+                for k, v in clean.items() if k not in ("step", "split")
+            }
+            for i, load in enumerate(expert_loads or []):
+                counts = load.double().cpu().numpy()
+                payload[f"moe/layer{i}/expert_load"] = self.wandb_histogram(counts)
+            self.wandb.log(payload, step=record["step"])
+
+    @staticmethod
+    def wandb_histogram(counts: np.ndarray):
+        import wandb
+
+        return wandb.Histogram(np_histogram=(counts, np.arange(len(counts) + 1)))
+
+    def summary(self, values: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update({k: _plain(v) for k, v in values.items()})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

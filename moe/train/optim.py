@@ -1,0 +1,64 @@
+"""AdamW with parameter groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe.layers import GroupedExperts
+
+from .config import OptimSection
+
+
+def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
+    """Three groups: decayed matrices, experts' matrices (own lr scale, decayed), and
+    parameters without weight decay (norms, biases, embeddings, router bias-free vectors)."""
+    expert_ids = {
+        id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
+    }
+    embedding_ids = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    decay, experts, no_decay = [], [], []
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in expert_ids:
+            experts.append(p)
+        elif p.dim() < 2 or id(p) in embedding_ids:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": optim.weight_decay, "lr_scale": 1.0},
+        {"params": experts, "weight_decay": optim.weight_decay,
+         "lr_scale": optim.expert_lr_scale},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+        eps=optim.eps, foreach=False,  # per-tensor loops: bitwise stable across resumes
+    )
+
+
+def learning_rate(step: int, max_steps: int, optim: OptimSection) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``.
+    ``step`` counts from 0 (the first update uses ``step=0``)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    floor = optim.lr * optim.min_lr_ratio
+    return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

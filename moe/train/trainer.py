@@ -1,0 +1,206 @@
+"""The training loop: data -> model -> loss -> AdamW, with evaluation, checkpoints, metrics.
+
+Loss = LM cross-entropy + ``aux_loss_coef`` x (sum of MoE layers' load-balancing losses)
++ ``z_loss_coef`` x (sum of router z-losses). Gradient accumulation is derived:
+``global_batch_size / micro_batch_size`` micro-batches per optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from moe.model import MoETransformer
+
+from .batches import PackedSequences, Sampler
+from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig
+from .data import build_data
+from .metrics import MetricsLog
+from .optim import build_optimizer, learning_rate, set_learning_rate
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        "cpu" if name == "auto" else name)
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lm_loss(model: MoETransformer, inputs, targets, cfg: RunConfig, device):
+    with autocast(cfg, device):
+        out = model(inputs.to(device))
+    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(device).flatten())
+    return ce, out
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, val: PackedSequences, cfg: RunConfig, device) -> float:
+    """Mean LM loss over the first ``eval.batches`` micro-batches of the validation split."""
+    was_training = model.training
+    model.eval()
+    mb = cfg.train.micro_batch_size
+    total, count = 0.0, 0
+    for b in range(cfg.eval.batches):
+        indices = torch.arange(b * mb, (b + 1) * mb) % val.count
+        ce, _ = lm_loss(model, *val.batch(indices), cfg, device)
+        total += ce.item() * len(indices)
+        count += len(indices)
+    model.train(was_training)
+    return total / count
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = pick_device(cfg.device)
+        t = cfg.train
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({t.micro_batch_size})"
+            )
+        self.accumulation = t.global_batch_size // t.micro_batch_size
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+
+        self.data = build_data(cfg.data, t.seq_len)
+        vocab = self.data.tokenizer.get_vocab_size()
+        # model.vocab_size always follows the tokenizer.
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
+        self.model = MoETransformer(cfg.model).to(self.device)
+        self.model.set_checkpointing(t.checkpointing)
+        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.sampler = Sampler(self.data.train.count, cfg.seed)
+        self.step, self.position = 0, 0
+        self.resumed_from = self._resume()
+        self.metrics = MetricsLog(run_dir, cfg.logger.wandb, dataclasses.asdict(cfg), enabled=True)
+
+    def _resume(self) -> Path | None:
+        choice = self.cfg.resume
+        if choice == "none":
+            return None
+        if choice == "auto":
+            found = complete_checkpoints(self.run_dir)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(choice)
+            if not (path / "complete.json").exists():
+                raise ConfigError(f"resume={choice} is not a complete checkpoint directory")
+        progress = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.position = progress["step"], progress["data_position"]
+        return path
+
+    def _save(self) -> Path:
+        files = {
+            "config.json": json.dumps(dataclasses.asdict(self.cfg), indent=1),
+            "tokenizer.json": self.data.tokenizer.to_str(),
+        }
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                               self.position, files, self.cfg.checkpoint.keep)
+
+    def train_step(self) -> tuple[dict, list[torch.Tensor] | None]:
+        """One optimizer step over one global batch: its metrics and per-layer expert loads."""
+        cfg, t = self.cfg, self.cfg.train
+        lr = learning_rate(self.step, t.max_steps, cfg.optim)
+        set_learning_rate(self.optimizer, lr)
+        indices = self.sampler.indices(self.position, t.global_batch_size)
+        self.position += t.global_batch_size
+        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0,
+                "dropped_fraction": 0.0, "router_entropy": 0.0}
+        loads = None
+        for micro in indices.split(t.micro_batch_size):
+            ce, out = lm_loss(self.forward_model, *self.data.train.batch(micro), cfg, self.device)
+            loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
+            (loss / self.accumulation).backward()
+            sums["loss"] += loss.item()
+            sums["lm_loss"] += ce.item()
+            sums["aux_loss"] += out.aux_loss.item()
+            sums["z_loss"] += out.z_loss.item()
+            if out.moe:
+                layers = len(out.moe)
+                sums["dropped_fraction"] += sum(a.dropped_fraction.item() for a in out.moe) / layers
+                sums["router_entropy"] += sum(a.entropy.item() for a in out.moe) / layers
+                micro_loads = [a.routed_E.detach().cpu() for a in out.moe]
+                loads = micro_loads if loads is None else [
+                    a + b for a, b in zip(loads, micro_loads, strict=True)
+                ]
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"step": self.step, **{k: v / self.accumulation for k, v in sums.items()},
+                  "lr": lr, "grad_norm": grad_norm}
+        if loads is not None:
+            record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
+        return record, loads
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        counts = self.model.parameter_counts()
+        tokens_per_step = t.global_batch_size * t.seq_len
+        flops_per_token = self.model.flops_per_token(t.seq_len)
+        first_val = None
+        if self.resumed_from is None:  # a resumed run already logged its earlier evaluations
+            first_val = evaluate(self.model, self.data.val, cfg, self.device)
+            self.metrics.write({"step": self.step, "split": "val", "loss": first_val})
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not cfg.logger.progress_bar, dynamic_ncols=True)
+        last_val, record, started = first_val, {}, time.perf_counter()
+        steps_done = 0
+        while self.step < t.max_steps:
+            tick = time.perf_counter()
+            record, loads = self.train_step()
+            seconds = time.perf_counter() - tick
+            steps_done += 1
+            record["tokens_per_s"] = tokens_per_step / seconds
+            record["tflops"] = flops_per_token * tokens_per_step / seconds / 1e12
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            lr=f"{record['lr']:.2e}")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.metrics.write(record, loads)
+            if self.step % cfg.eval.every == 0 or self.step == t.max_steps:
+                last_val = evaluate(self.model, self.data.val, cfg, self.device)
+                self.metrics.write({"step": self.step, "split": "val", "loss": last_val})
+                bar.write(f"step {self.step}: val loss {last_val:.4f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps:
+                self._save()
+        bar.close()
+        elapsed = time.perf_counter() - started
+        summary = {
+            "steps": self.step, "steps_this_run": steps_done,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "train_loss": record.get("loss"), "val_loss_start": first_val, "val_loss": last_val,
+            "tokens_per_s": steps_done * tokens_per_step / elapsed if steps_done else None,
+            "params_total": counts["total"], "params_active": counts["active"],
+            "flops_per_token": flops_per_token, "seconds": elapsed,
+            "checkpoint": str(found[-1]) if (found := complete_checkpoints(self.run_dir)) else None,
+            "run_dir": str(self.run_dir),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.metrics.summary(summary)
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
