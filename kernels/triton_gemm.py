@@ -37,6 +37,8 @@ def _launch_config(dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return {"BM": BLOCK_M, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2}
     return {"BM": BLOCK_M, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+
+
 WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -47,8 +47,13 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-    data_position: int, extra_files: dict[str, str], keep: int,
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_position: int,
+    extra_files: dict[str, str],
+    keep: int,
 ) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``."""
     root = run_dir / "checkpoints"
@@ -96,8 +101,9 @@ def load_checkpoint(
     if optimizer is None:
         model.load_state_dict(state["model"])
         return {}
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])

@@ -17,8 +17,14 @@ import numpy as np
 
 from .config import ConfigError, DataSection
 
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
-            ".parquet": "parquet"}
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 def cache_dir(data: DataSection) -> Path:

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         path = resolve_checkpoint(overrides.pop("checkpoint"))
         stored = OmegaConf.create(read_config(path))
-        merged = OmegaConf.merge(stored, OmegaConf.from_dotlist(
-            [f"{k}={v}" for k, v in overrides.items()]))
+        merged = OmegaConf.merge(
+            stored, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()])
+        )
         cfg = RunConfig.from_dict(OmegaConf.to_container(merged))
         device = pick_device(cfg.device)
         model = load_model(path, device)
@@ -42,8 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         loss = evaluate(model, data.val, cfg, device)
     step = json.loads((path / "complete.json").read_text())["step"]
-    print(json.dumps({"loss": loss, "step": step, "checkpoint": str(path),
-                      "sequences": cfg.eval.batches * cfg.train.micro_batch_size}))
+    print(
+        json.dumps(
+            {
+                "loss": loss,
+                "step": step,
+                "checkpoint": str(path),
+                "sequences": cfg.eval.batches * cfg.train.micro_batch_size,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,14 @@ class MetricsLog:
             import wandb
 
             self.wandb = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
-                name=wandb_cfg.name or run_dir.name, mode=wandb_cfg.mode, dir=str(run_dir),
-                config=config, reinit="finish_previous",
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                group=wandb_cfg.group,
+                name=wandb_cfg.name or run_dir.name,
+                mode=wandb_cfg.mode,
+                dir=str(run_dir),
+                config=config,
+                reinit="finish_previous",
             )
 
     def write(self, record: dict, expert_loads: list[torch.Tensor] | None = None) -> None:
@@ -38,7 +43,8 @@ class MetricsLog:
         if self.wandb is not None:
             payload = {
                 (f"val/{k}" if record.get("split") == "val" else f"train/{k}"): v
-                for k, v in clean.items() if k not in ("step", "split")
+                for k, v in clean.items()
+                if k not in ("step", "split")
             }
             for i, load in enumerate(expert_loads or []):
                 counts = load.double().cpu().numpy()

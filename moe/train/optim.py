@@ -35,16 +35,18 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
             decay.append(p)
     return [
         {"params": decay, "weight_decay": optim.weight_decay, "lr_scale": 1.0},
-        {"params": experts, "weight_decay": optim.weight_decay,
-         "lr_scale": optim.expert_lr_scale},
+        {"params": experts, "weight_decay": optim.weight_decay, "lr_scale": optim.expert_lr_scale},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
     ]
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-        eps=optim.eps, foreach=False,  # per-tensor loops: bitwise stable across resumes
+        param_groups(model, optim),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        foreach=False,  # per-tensor loops: bitwise stable across resumes
     )
 
 

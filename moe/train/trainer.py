@@ -30,8 +30,13 @@ from .optim import build_optimizer, learning_rate, set_learning_rate
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        "cpu" if name == "auto" else name)
+    return torch.device(
+        "cuda"
+        if name == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if name == "auto"
+        else name
+    )
 
 
 def autocast(cfg: RunConfig, device: torch.device):
@@ -66,6 +71,7 @@ def evaluate(model: MoETransformer, val: PackedSequences, cfg: RunConfig, device
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
         t = cfg.train
         if t.global_batch_size % t.micro_batch_size:
@@ -114,8 +120,15 @@ class Trainer:
             "config.json": json.dumps(dataclasses.asdict(self.cfg), indent=1),
             "tokenizer.json": self.data.tokenizer.to_str(),
         }
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
-                               self.position, files, self.cfg.checkpoint.keep)
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.position,
+            files,
+            self.cfg.checkpoint.keep,
+        )
 
     def train_step(self) -> tuple[dict, list[torch.Tensor] | None]:
         """One optimizer step over one global batch: its metrics and per-layer expert loads."""
@@ -124,8 +137,14 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)
         indices = self.sampler.indices(self.position, t.global_batch_size)
         self.position += t.global_batch_size
-        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0,
-                "dropped_fraction": 0.0, "router_entropy": 0.0}
+        sums = {
+            "loss": 0.0,
+            "lm_loss": 0.0,
+            "aux_loss": 0.0,
+            "z_loss": 0.0,
+            "dropped_fraction": 0.0,
+            "router_entropy": 0.0,
+        }
         loads = None
         for micro in indices.split(t.micro_batch_size):
             ce, out = lm_loss(self.forward_model, *self.data.train.batch(micro), cfg, self.device)
@@ -140,17 +159,23 @@ class Trainer:
                 sums["dropped_fraction"] += sum(a.dropped_fraction.item() for a in out.moe) / layers
                 sums["router_entropy"] += sum(a.entropy.item() for a in out.moe) / layers
                 micro_loads = [a.routed_E.detach().cpu() for a in out.moe]
-                loads = micro_loads if loads is None else [
-                    a + b for a, b in zip(loads, micro_loads, strict=True)
-                ]
+                loads = (
+                    micro_loads
+                    if loads is None
+                    else [a + b for a, b in zip(loads, micro_loads, strict=True)]
+                )
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        record = {"step": self.step, **{k: v / self.accumulation for k, v in sums.items()},
-                  "lr": lr, "grad_norm": grad_norm}
+        record = {
+            "step": self.step,
+            **{k: v / self.accumulation for k, v in sums.items()},
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
         if loads is not None:
             record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
         return record, loads
@@ -164,8 +189,14 @@ class Trainer:
         if self.resumed_from is None:  # a resumed run already logged its earlier evaluations
             first_val = evaluate(self.model, self.data.val, cfg, self.device)
             self.metrics.write({"step": self.step, "split": "val", "loss": first_val})
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not cfg.logger.progress_bar, dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not cfg.logger.progress_bar,
+            dynamic_ncols=True,
+        )
         last_val, record, started = first_val, {}, time.perf_counter()
         steps_done = 0
         while self.step < t.max_steps:
@@ -176,8 +207,11 @@ class Trainer:
             record["tokens_per_s"] = tokens_per_step / seconds
             record["tflops"] = flops_per_token * tokens_per_step / seconds / 1e12
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            lr=f"{record['lr']:.2e}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                lr=f"{record['lr']:.2e}",
+            )
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.metrics.write(record, loads)
             if self.step % cfg.eval.every == 0 or self.step == t.max_steps:
@@ -189,12 +223,17 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - started
         summary = {
-            "steps": self.step, "steps_this_run": steps_done,
+            "steps": self.step,
+            "steps_this_run": steps_done,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "train_loss": record.get("loss"), "val_loss_start": first_val, "val_loss": last_val,
+            "train_loss": record.get("loss"),
+            "val_loss_start": first_val,
+            "val_loss": last_val,
             "tokens_per_s": steps_done * tokens_per_step / elapsed if steps_done else None,
-            "params_total": counts["total"], "params_active": counts["active"],
-            "flops_per_token": flops_per_token, "seconds": elapsed,
+            "params_total": counts["total"],
+            "params_active": counts["active"],
+            "flops_per_token": flops_per_token,
+            "seconds": elapsed,
             "checkpoint": str(found[-1]) if (found := complete_checkpoints(self.run_dir)) else None,
             "run_dir": str(self.run_dir),
         }
