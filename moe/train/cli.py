@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, RunConfig
@@ -53,23 +54,60 @@ def format_summary(summary: dict) -> str:
     return "\n".join(["run summary:"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    """``status.json``: running, finished or failed; sweep reports read it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "status.json").write_text(json.dumps({"status": status, **extra}))
+
+
+def finished_summary(run_dir: Path, run_cfg: RunConfig) -> dict | None:
+    """The summary of a run that already reached ``train.max_steps`` (for resumed sweeps)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("steps", 0) >= run_cfg.train.max_steps else None
+
+
+def in_sweep(run_cfg: RunConfig) -> RunConfig:
+    """In a multirun every job gets its own W&B run, grouped by the sweep directory."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return run_cfg
+    sweep = Path(hc.sweep.dir).name
+    wandb = dataclasses.replace(
+        run_cfg.logger.wandb, group=run_cfg.logger.wandb.group or sweep,
+        name=run_cfg.logger.wandb.name or f"{sweep}-{hc.job.num}",
+    )
+    return dataclasses.replace(run_cfg, logger=dataclasses.replace(run_cfg.logger, wandb=wandb))
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
 def hydra_app(cfg: DictConfig) -> float | None:
     from .trainer import Trainer
 
     try:
-        run_cfg = to_run_config(cfg)
+        run_cfg = in_sweep(to_run_config(cfg))
     except ConfigError as err:
         fail(str(err))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if run_cfg.resume == "auto" and (done := finished_summary(run_dir, run_cfg)):
+        print(f"{run_dir}: already finished at step {done['steps']}; skipped")
+        return done["val_loss"]
+    write_status(run_dir, "running")
     try:
         trainer = Trainer(run_cfg, run_dir)
     except ConfigError as err:
+        write_status(run_dir, "failed", error=str(err))
         fail(str(err))
     try:
         summary = trainer.train()
+    except BaseException as err:
+        write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
     finally:
         trainer.close()
+    write_status(run_dir, "finished")
     print(format_summary(summary))
     (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(trainer.cfg), indent=1))
     return summary["val_loss"]  # what a Hydra sweeper minimises

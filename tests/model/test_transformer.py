@@ -1,9 +1,7 @@
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moe.model import ModelConfig, MoETransformer
-from moe.train.cli import CONFIG_DIR, to_run_config
 
 SMALL = dict(
     vocab_size=50,
@@ -52,6 +50,11 @@ def test_activation_checkpointing_leaves_gradients_unchanged(mode):
 
 
 def test_tiny_presets_have_equal_active_parameters():
+    pytest.importorskip("hydra")
+    from hydra import compose, initialize_config_dir
+
+    from moe.train.cli import CONFIG_DIR, to_run_config
+
     counts = {}
     for preset in ("tiny", "tiny_dense"):
         with initialize_config_dir(CONFIG_DIR, version_base=None):

@@ -1,0 +1,1 @@
+"""Sweep tooling: the per-sweep report."""
