@@ -111,10 +111,11 @@ def _plot(sweep_dir: Path, columns: list[str], rows: list[dict]) -> None:
     losses = [r["val_loss"] if r["val_loss"] is not None else float("nan") for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
     colors = ["tab:blue" if r["status"] == "finished" else "tab:gray" for r in rows]
-    ax.bar(range(len(rows)), losses, color=colors)
+    bars = ax.bar(range(len(rows)), losses, color=colors)
+    ax.bar_label(bars, fmt="%.4f", fontsize=8)
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("final validation loss")
-    ax.set_title(f"{sweep_dir.name}: validation loss by swept values (gray: not finished)")
+    ax.set_title(f"{sweep_dir.name}: final validation loss (gray: not finished)", fontsize=10)
     finite = [v for v in losses if v == v]
     if finite:
         ax.set_ylim(min(finite) * 0.95, max(finite) * 1.02)

@@ -28,7 +28,9 @@ class TrainSection:
     (bitwise-reproducible on the CPU). dtype: float32, or bfloat16 autocast.
     checkpointing: activation checkpointing none/full/moe. compile: torch.compile the model.
     aux_loss_coef / z_loss_coef: weights of the MoE losses in the total loss.
-    grad_clip: max global gradient norm (<= 0: off). log_every: steps between log lines."""
+    grad_clip: max global gradient norm (<= 0: off). log_every: steps between log lines.
+    expert_bias_rate: step size of the aux-loss-free expert bias update (used when
+    ``model.moe.expert_bias`` is true)."""
 
     max_steps: int = 800
     global_batch_size: int = 16
@@ -42,6 +44,7 @@ class TrainSection:
     z_loss_coef: float = 0.001
     grad_clip: float = 1.0
     log_every: int = 10
+    expert_bias_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):

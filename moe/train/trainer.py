@@ -169,6 +169,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if loads is not None:
+            self._update_expert_biases(loads)
         self.step += 1
         record = {
             "step": self.step,
@@ -179,6 +181,14 @@ class Trainer:
         if loads is not None:
             record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
         return record, loads
+
+    def _update_expert_biases(self, loads: list[torch.Tensor]) -> None:
+        """Aux-loss-free balancing: nudge each router's bias by this step's expert loads."""
+        moe_blocks = [b for b in self.model.blocks if b.is_moe]
+        for block, load in zip(moe_blocks, loads, strict=True):
+            if block.ffn.router.expert_bias_E is not None:
+                block.ffn.router.update_expert_bias(load.to(self.device),
+                                                    self.cfg.train.expert_bias_rate)
 
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train

@@ -109,3 +109,13 @@ def test_cli_trains_and_writes_the_contracted_run_directory(tmp_path):
     assert (run_dir / "checkpoints" / "step_4" / "tokenizer.json").exists()
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert first == {"step": 0, "split": "val", "loss": first["loss"]}
+
+
+@on_cpu
+def test_expert_bias_is_updated_by_the_trainer(tmp_path):
+    cfg = small_config(tmp_path, **{"train.max_steps": 3, "model.moe.expert_bias": True,
+                                     "train.expert_bias_rate": 0.01})
+    _, trainer = run(cfg, tmp_path / "run")
+    biases = [b.ffn.router.expert_bias_E for b in trainer.model.blocks if b.is_moe]
+    assert biases and all(torch.count_nonzero(b) > 0 for b in biases)
+    assert all(torch.all(b.abs() <= 0.03 + 1e-6) for b in biases)  # 3 steps of +-0.01
