@@ -18,8 +18,16 @@ import yaml
 
 from moe.train.metrics import read_metrics
 
-METRICS = ["status", "steps", "train_loss", "val_loss", "tokens_per_s", "params_active",
-           "params_total", "dropped_fraction"]
+METRICS = [
+    "status",
+    "steps",
+    "train_loss",
+    "val_loss",
+    "tokens_per_s",
+    "params_active",
+    "params_total",
+    "dropped_fraction",
+]
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:

@@ -3,14 +3,18 @@ one process too), written atomically.
 
 Layout of ``<run>/checkpoints/step_<N>/``: DCP shards of the model, the optimizer, the
 step, the data position and the RNG states; ``config.json`` (the run's resolved config);
-``tokenizer.json``; and ``complete.json``, written last. A checkpoint is first written
-under ``.step_<N>.tmp`` and renamed into place, so a crash never leaves a half-written
-``step_<N>``; ``resume=auto`` also ignores any directory without ``complete.json``.
+``tokenizer.json``; and ``complete.json``, the manifest of every file's size and sha256,
+written last. A checkpoint is written under ``.step_<N>.tmp``, synced to disk, then renamed
+into place, so a crash never leaves a half-written ``step_<N>``. Loading verifies the
+manifest and refuses a ``.metadata`` pickle that references anything but DCP's metadata
+classes; ``resume=auto`` skips (with a warning) every checkpoint that fails and takes the
+newest good one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,8 +26,19 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .checkpoint_files import (
+    MANIFEST,
+    CheckpointError,
+    check_metadata_pickle,
+    fsync_dir,
+    fsync_tree,
+    verify_manifest,
+    write_manifest,
+)
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
-COMPLETE = "complete.json"
+COMPLETE = MANIFEST
+log = logging.getLogger(__name__)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -37,6 +52,24 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
         if match and (path / COMPLETE).exists():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def newest_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes verification; warns about each one skipped."""
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            log.warning("skipping checkpoint: %s", err)
+            warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+    return None
+
+
+def verify_checkpoint(path: Path) -> int:
+    step = verify_manifest(path)
+    check_metadata_pickle(path)
+    return step
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -55,10 +88,30 @@ def save_checkpoint(
     extra_files: dict[str, str],
     keep: int,
 ) -> Path:
-    """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``."""
+    """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``.
+
+    On failure (a full disk, say) the partial directory is removed, earlier checkpoints are
+    untouched, and ``CheckpointError`` says what happened.
+    """
     root = run_dir / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
+    try:
+        _write(tmp, step, model, optimizer, data_position, extra_files)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_checkpoints(run_dir)
+        previous = f"; {kept[-1].name} is intact" if kept else ""
+        raise CheckpointError(f"could not write checkpoint step_{step}: {err}{previous}") from err
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, step: int, model, optimizer, data_position: int, extra_files) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -73,18 +126,16 @@ def save_checkpoint(
         dcp.save(state, checkpoint_id=tmp)
     for name, text in extra_files.items():
         (tmp / name).write_text(text)
-    (tmp / COMPLETE).write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    write_manifest(tmp, step)
+    fsync_tree(tmp)
 
 
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, int]:
-    """Restore model (and optimizer, RNG) in place; returns ``step`` and ``data_position``."""
+    """Restore model (and optimizer, RNG) in place; returns ``step`` and ``data_position``.
+    The checkpoint is verified first (manifest, safe metadata)."""
+    verify_checkpoint(path)
     if optimizer is None:
         state = {"model": model.state_dict()}
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -18,15 +19,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from .checkpoint_files import CheckpointError
 from .config import ConfigError, RunConfig
+from .faults import EXIT_NUMERICAL, EXIT_PREEMPTED, NumericalFault, Preempted
 
 CONFIG_DIR = str(resources.files("moe.configs"))
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("hydra", None)
-    return RunConfig.from_dict(values)
+    job_keys = [key for key in cfg if key != "hydra"]
+    return RunConfig.from_dict(
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, job_keys), resolve=True)
+    )
 
 
 def fail(message: str) -> None:
@@ -40,12 +44,25 @@ def validate_overrides(overrides: list[str]) -> None:
 
     try:
         with initialize_config_dir(CONFIG_DIR, version_base=None):
-            to_run_config(compose("train", overrides=overrides))
+            composed = compose("train", overrides=overrides, return_hydra_config=True)
+            to_run_config(composed)
+            check_writable(Path(composed.hydra.run.dir), "hydra.run.dir")
     except ConfigError as err:
         fail(str(err))
     except Exception as err:  # Hydra/OmegaConf: unknown key, bad override syntax, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fail(first)
+
+
+def check_writable(path: Path, key: str) -> None:
+    """The run directory must be creatable: its nearest existing ancestor a writable dir."""
+    ancestor = path.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}={path} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} is not writable ({ancestor}); choose another directory")
 
 
 def format_summary(summary: dict) -> str:
@@ -76,7 +93,8 @@ def in_sweep(run_cfg: RunConfig) -> RunConfig:
         return run_cfg
     sweep = Path(hc.sweep.dir).name
     wandb = dataclasses.replace(
-        run_cfg.logger.wandb, group=run_cfg.logger.wandb.group or sweep,
+        run_cfg.logger.wandb,
+        group=run_cfg.logger.wandb.group or sweep,
         name=run_cfg.logger.wandb.name or f"{sweep}-{hc.job.num}",
     )
     return dataclasses.replace(run_cfg, logger=dataclasses.replace(run_cfg.logger, wandb=wandb))
@@ -102,6 +120,14 @@ def hydra_app(cfg: DictConfig) -> float | None:
         fail(str(err))
     try:
         summary = trainer.train()
+    except Preempted as err:
+        write_status(run_dir, "preempted", error=str(err))
+        print(f"moe-train: {err}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except (NumericalFault, CheckpointError) as err:
+        write_status(run_dir, "failed", error=str(err))
+        print(f"moe-train: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_NUMERICAL if isinstance(err, NumericalFault) else 1)
     except BaseException as err:
         write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
         raise

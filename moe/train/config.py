@@ -30,7 +30,10 @@ class TrainSection:
     aux_loss_coef / z_loss_coef: weights of the MoE losses in the total loss.
     grad_clip: max global gradient norm (<= 0: off). log_every: steps between log lines.
     expert_bias_rate: step size of the aux-loss-free expert bias update (used when
-    ``model.moe.expert_bias`` is true)."""
+    ``model.moe.expert_bias`` is true). max_nonfinite_steps: consecutive steps with a
+    non-finite loss or gradient norm (each skipped) before the run stops.
+    collapse_threshold / collapse_steps: warn when one expert takes more than this share of
+    a layer's tokens for this many consecutive steps."""
 
     max_steps: int = 800
     global_batch_size: int = 16
@@ -45,15 +48,28 @@ class TrainSection:
     grad_clip: float = 1.0
     log_every: int = 10
     expert_bias_rate: float = 1e-3
+    max_nonfinite_steps: int = 5
+    collapse_threshold: float = 0.9
+    collapse_steps: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+        for name in (
+            "max_steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "seq_len",
+            "log_every",
+            "max_nonfinite_steps",
+            "collapse_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.checkpointing not in CHECKPOINTING:
             raise ConfigError(f"train.checkpointing must be one of {CHECKPOINTING}")
+        if not 0 < self.collapse_threshold <= 1:
+            raise ConfigError("train.collapse_threshold must be in (0, 1]")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ConfigError("train.aux_loss_coef and train.z_loss_coef must be >= 0")
 

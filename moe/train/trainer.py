@@ -20,10 +20,19 @@ from tqdm import tqdm
 from moe.model import MoETransformer
 
 from .batches import PackedSequences, Sampler
-from .checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    load_checkpoint,
+    newest_good_checkpoint,
+    read_config,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import ConfigError, RunConfig
 from .data import build_data
-from .metrics import MetricsLog
+from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
+from .metrics import MetricsLog, truncate_metrics
 from .optim import build_optimizer, learning_rate, set_learning_rate
 
 
@@ -96,6 +105,11 @@ class Trainer:
         self.sampler = Sampler(self.data.train.count, cfg.seed)
         self.step, self.position = 0, 0
         self.resumed_from = self._resume()
+        if self.resumed_from is not None:  # steps after the checkpoint will be run again
+            truncate_metrics(run_dir, self.step)
+        self.nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
+        self.collapse = CollapseDetector(t.collapse_threshold, t.collapse_steps)
+        self.preemption = PreemptionFlag()
         self.metrics = MetricsLog(run_dir, cfg.logger.wandb, dataclasses.asdict(cfg), enabled=True)
 
     def _resume(self) -> Path | None:
@@ -103,17 +117,46 @@ class Trainer:
         if choice == "none":
             return None
         if choice == "auto":
-            found = complete_checkpoints(self.run_dir)
-            if not found:
+            path = newest_good_checkpoint(self.run_dir)
+            if path is None:
                 return None
-            path = found[-1]
         else:
             path = Path(choice)
-            if not (path / "complete.json").exists():
-                raise ConfigError(f"resume={choice} is not a complete checkpoint directory")
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                raise ConfigError(f"resume={choice}: {err}") from None
+        self._check_compatible(path)
         progress = load_checkpoint(path, self.model, self.optimizer)
         self.step, self.position = progress["step"], progress["data_position"]
         return path
+
+    def _check_compatible(self, path: Path) -> None:
+        """Refuse a checkpoint of another model shape before loading anything from it."""
+        stored = read_config(path)["model"]
+        current = dataclasses.asdict(self.cfg.model)
+        for key in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "moe_every",
+            "tie_embeddings",
+            "qk_norm",
+        ):
+            if stored.get(key) != current[key]:
+                raise ConfigError(
+                    f"checkpoint {path} has model.{key}={stored.get(key)}, this "
+                    f"run model.{key}={current[key]}; resume with a matching model"
+                )
+        for key in ("num_experts", "d_ff", "activation", "expert_bias"):
+            if stored["moe"].get(key) != current["moe"][key]:
+                raise ConfigError(
+                    f"checkpoint {path} has model.moe.{key}={stored['moe'].get(key)}, this run "
+                    f"model.moe.{key}={current['moe'][key]}; resume with a matching model"
+                )
 
     def _save(self) -> Path:
         files = {
@@ -167,9 +210,12 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        self.optimizer.step()
+        # A non-finite loss or gradient skips the update instead of poisoning the weights.
+        update = self.nonfinite.ok(sums["loss"], grad_norm, self.step + 1)
+        if update:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if loads is not None:
+        if update and loads is not None:
             self._update_expert_biases(loads)
         self.step += 1
         record = {
@@ -177,9 +223,14 @@ class Trainer:
             **{k: v / self.accumulation for k, v in sums.items()},
             "lr": lr,
             "grad_norm": grad_norm,
+            "skipped_steps": self.nonfinite.skipped,
         }
         if loads is not None:
             record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
+            tokens = t.global_batch_size * t.seq_len
+            for message in self.collapse.update(loads, tokens, self.step):
+                tqdm.write(f"warning: {message}")
+                record["router_collapse"] = 1
         return record, loads
 
     def _update_expert_biases(self, loads: list[torch.Tensor]) -> None:
@@ -187,10 +238,16 @@ class Trainer:
         moe_blocks = [b for b in self.model.blocks if b.is_moe]
         for block, load in zip(moe_blocks, loads, strict=True):
             if block.ffn.router.expert_bias_E is not None:
-                block.ffn.router.update_expert_bias(load.to(self.device),
-                                                    self.cfg.train.expert_bias_rate)
+                block.ffn.router.update_expert_bias(
+                    load.to(self.device), self.cfg.train.expert_bias_rate
+                )
 
     def train(self) -> dict:
+        """Train to ``train.max_steps``; returns the run summary (also ``summary.json``).
+
+        Raises ``Preempted`` after checkpointing when SIGTERM/SIGUSR1 arrives, and
+        ``NumericalFault`` after too many non-finite steps in a row.
+        """
         cfg, t = self.cfg, self.cfg.train
         counts = self.model.parameter_counts()
         tokens_per_step = t.global_batch_size * t.seq_len
@@ -207,31 +264,39 @@ class Trainer:
             disable=not cfg.logger.progress_bar,
             dynamic_ncols=True,
         )
-        last_val, record, started = first_val, {}, time.perf_counter()
-        steps_done = 0
-        while self.step < t.max_steps:
-            tick = time.perf_counter()
-            record, loads = self.train_step()
-            seconds = time.perf_counter() - tick
-            steps_done += 1
-            record["tokens_per_s"] = tokens_per_step / seconds
-            record["tflops"] = flops_per_token * tokens_per_step / seconds / 1e12
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-                lr=f"{record['lr']:.2e}",
-            )
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self.metrics.write(record, loads)
-            if self.step % cfg.eval.every == 0 or self.step == t.max_steps:
-                last_val = evaluate(self.model, self.data.val, cfg, self.device)
-                self.metrics.write({"step": self.step, "split": "val", "loss": last_val})
-                bar.write(f"step {self.step}: val loss {last_val:.4f}")
-            if self.step % cfg.checkpoint.every == 0 or self.step == t.max_steps:
-                self._save()
-        bar.close()
+        last_val, record, started, steps_done = first_val, {}, time.perf_counter(), 0
+        self.preemption.install()
+        try:
+            while self.step < t.max_steps:
+                tick = time.perf_counter()
+                record, loads = self.train_step()
+                seconds = time.perf_counter() - tick
+                steps_done += 1
+                record["tokens_per_s"] = tokens_per_step / seconds
+                record["tflops"] = flops_per_token * tokens_per_step / seconds / 1e12
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    lr=f"{record['lr']:.2e}",
+                )
+                last = self.step == t.max_steps
+                stopping = self.preemption.signum is not None and not last
+                if self.step % t.log_every == 0 or last or stopping:
+                    self.metrics.write(record, loads)
+                if self.step % cfg.eval.every == 0 or last:
+                    last_val = evaluate(self.model, self.data.val, cfg, self.device)
+                    self.metrics.write({"step": self.step, "split": "val", "loss": last_val})
+                    bar.write(f"step {self.step}: val loss {last_val:.4f}")
+                if self.step % cfg.checkpoint.every == 0 or last or stopping:
+                    saved = self._save()
+                if stopping:
+                    raise Preempted(self.preemption.signum, self.step, saved)
+        finally:
+            self.preemption.restore()
+            bar.close()
         elapsed = time.perf_counter() - started
+        found = complete_checkpoints(self.run_dir)
         summary = {
             "steps": self.step,
             "steps_this_run": steps_done,
@@ -240,11 +305,12 @@ class Trainer:
             "val_loss_start": first_val,
             "val_loss": last_val,
             "tokens_per_s": steps_done * tokens_per_step / elapsed if steps_done else None,
+            "skipped_steps": self.nonfinite.skipped,
             "params_total": counts["total"],
             "params_active": counts["active"],
             "flops_per_token": flops_per_token,
             "seconds": elapsed,
-            "checkpoint": str(found[-1]) if (found := complete_checkpoints(self.run_dir)) else None,
+            "checkpoint": str(found[-1]) if found else None,
             "run_dir": str(self.run_dir),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -19,8 +19,15 @@ pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 def sweep_args(tmp_path, sweep_dir, swept: dict, **extra):
     base = [o for o in small_overrides(tmp_path, **extra) if o.split("=")[0] not in swept]
-    return [sys.executable, "-m", "moe.train", "-m", *base,
-            *(f"{k}={v}" for k, v in swept.items()), f"hydra.sweep.dir={sweep_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "moe.train",
+        "-m",
+        *base,
+        *(f"{k}={v}" for k, v in swept.items()),
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
 
 
 def check_rows_against_runs(sweep_dir, rows):
@@ -36,14 +43,19 @@ def check_rows_against_runs(sweep_dir, rows):
 def test_grid_multirun_and_report(tmp_path):
     sweep = tmp_path / "grid"
     swept = {"model.moe.num_experts": "2,4", "model.moe.top_k": "1,2"}
-    out = subprocess.run(sweep_args(tmp_path, sweep, swept, **{"train.max_steps": 3}),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        sweep_args(tmp_path, sweep, swept, **{"train.max_steps": 3}), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     write_report(sweep)
     with (sweep / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["model.moe.num_experts"], r["model.moe.top_k"]) for r in rows) == [
-        ("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")]
+        ("2", "1"),
+        ("2", "2"),
+        ("4", "1"),
+        ("4", "2"),
+    ]
     assert {r["status"] for r in rows} == {"finished"}
     check_rows_against_runs(sweep, rows)
     # Equal active parameters for equal top-k, more total parameters with more experts.
@@ -57,8 +69,9 @@ def test_grid_multirun_and_report(tmp_path):
 def test_optuna_sweep_runs_three_trials(tmp_path):
     sweep = tmp_path / "optuna"
     args = sweep_args(tmp_path, sweep, {}, **{"train.max_steps": 2})
-    out = subprocess.run([*args, "+sweep=optuna_lr_aux", "hydra.sweeper.n_trials=3"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*args, "+sweep=optuna_lr_aux", "hydra.sweeper.n_trials=3"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert (sweep / "optimization_results.yaml").exists()
     columns_rows = write_report(sweep)
@@ -67,8 +80,7 @@ def test_optuna_sweep_runs_three_trials(tmp_path):
 
 def test_submitit_local_launcher(tmp_path):
     sweep = tmp_path / "submitit"
-    args = sweep_args(tmp_path, sweep, {"model.moe.num_experts": "2,4"},
-                      **{"train.max_steps": 2})
+    args = sweep_args(tmp_path, sweep, {"model.moe.num_experts": "2,4"}, **{"train.max_steps": 2})
     out = subprocess.run([*args, "+launcher=local"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = write_report(sweep)
@@ -77,11 +89,16 @@ def test_submitit_local_launcher(tmp_path):
 
 def test_interrupted_sweep_resumes(tmp_path):
     sweep = tmp_path / "interrupted"
-    extra = {"train.max_steps": 40, "checkpoint.every": 5, "checkpoint.keep": 3,
-             "train.log_every": 1}
+    extra = {
+        "train.max_steps": 40,
+        "checkpoint.every": 5,
+        "checkpoint.keep": 3,
+        "train.log_every": 1,
+    }
     args = sweep_args(tmp_path, sweep, {"model.moe.num_experts": "2,4"}, **extra)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     marker = sweep / "1" / "checkpoints" / "step_10" / "complete.json"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:

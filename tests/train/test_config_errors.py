@@ -1,11 +1,16 @@
 """Bad configuration: one clear line on stderr, exit code 2, nothing built."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from moe.train.cli import validate_overrides
+from moe.train.config import ConfigError
+from moe.train.trainer import Trainer
+from tests.reference import on_cpu
+from tests.train.helpers import small_config
 
 BAD = [
     (["train.max_steps=0"], "train.max_steps must be >= 1"),
@@ -69,3 +74,88 @@ def test_missing_data_file_fails_before_training(tmp_path):
         .splitlines()[-1]
         .startswith("moe-train: error: data.path matches no files")
     )
+
+
+def _data_case(tmp_path, kind):
+    """Writes a bad data file; returns the overrides that point the run at it."""
+    if kind == "empty":
+        (tmp_path / "empty.txt").write_text("")
+        return {"data.path": str(tmp_path / "empty.txt")}
+    if kind == "not_utf8":
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1") * 50)
+        return {"data.path": str(tmp_path / "latin1.txt")}
+    if kind == "no_text_field":
+        (tmp_path / "rows.jsonl").write_text('{"body": "some text"}\n' * 20)
+        return {"data.path": str(tmp_path / "rows.jsonl")}
+    if kind == "broken_jsonl":
+        (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+        return {"data.path": str(tmp_path / "broken.jsonl")}
+    if kind == "mixed_kinds":
+        (tmp_path / "mix").mkdir()
+        (tmp_path / "mix" / "a.txt").write_text("hello " * 100)
+        (tmp_path / "mix" / "b.jsonl").write_text('{"text": "hi"}\n')
+        return {"data.path": str(tmp_path / "mix")}
+    if kind == "too_short":
+        (tmp_path / "short.txt").write_text("tiny")
+        return {"data.path": str(tmp_path / "short.txt")}
+    raise AssertionError(kind)
+
+
+TRAINER_BAD = [
+    ("empty data file", lambda p: _data_case(p, "empty"), "holds no text"),
+    ("non-UTF-8 data", lambda p: _data_case(p, "not_utf8"), "cannot read data.path"),
+    (
+        "missing text column",
+        lambda p: _data_case(p, "no_text_field"),
+        "data.text_field 'text' is not a column",
+    ),
+    ("broken jsonl", lambda p: _data_case(p, "broken_jsonl"), "cannot read data.path"),
+    ("mixed file kinds", lambda p: _data_case(p, "mixed_kinds"), "files of one kind"),
+    (
+        "data shorter than a sequence",
+        lambda p: _data_case(p, "too_short"),
+        "fewer than one sequence",
+    ),
+    (
+        "batch not a multiple",
+        lambda p: {"train.micro_batch_size": 3},
+        "must be a multiple of train.micro_batch_size",
+    ),
+    ("resume from a non-checkpoint", lambda p: {"resume": str(p)}, "has no complete.json"),
+]
+
+
+@on_cpu
+@pytest.mark.parametrize("name, make, message", TRAINER_BAD, ids=[b[0] for b in TRAINER_BAD])
+def test_bad_input_fails_before_training(tmp_path, name, make, message):
+    overrides = make(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Trainer(small_config(tmp_path, **overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@on_cpu
+def test_checkpoint_of_an_incompatible_model_is_refused(tmp_path):
+    trainer = Trainer(
+        small_config(tmp_path, **{"train.max_steps": 2, "checkpoint.every": 2}), tmp_path / "a"
+    )
+    trainer.train()
+    trainer.close()
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_2"
+    with pytest.raises(ConfigError, match=r"has model.d_model=32, this run model.d_model=64"):
+        Trainer(
+            small_config(tmp_path, **{"model.d_model": 64, "resume": str(checkpoint)}),
+            tmp_path / "b",
+        )
+    with pytest.raises(ConfigError, match=r"has model.moe.num_experts=4, this run"):
+        Trainer(
+            small_config(tmp_path, **{"model.moe.num_experts": 8, "resume": str(checkpoint)}),
+            tmp_path / "c",
+        )
+
+
+def test_unwritable_run_directory(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        validate_overrides([f"hydra.run.dir={tmp_path}/file/run"])
+    assert exit_info.value.code == 2

@@ -113,8 +113,10 @@ def test_cli_trains_and_writes_the_contracted_run_directory(tmp_path):
 
 @on_cpu
 def test_expert_bias_is_updated_by_the_trainer(tmp_path):
-    cfg = small_config(tmp_path, **{"train.max_steps": 3, "model.moe.expert_bias": True,
-                                     "train.expert_bias_rate": 0.01})
+    cfg = small_config(
+        tmp_path,
+        **{"train.max_steps": 3, "model.moe.expert_bias": True, "train.expert_bias_rate": 0.01},
+    )
     _, trainer = run(cfg, tmp_path / "run")
     biases = [b.ffn.router.expert_bias_E for b in trainer.model.blocks if b.is_moe]
     assert biases and all(torch.count_nonzero(b) > 0 for b in biases)
