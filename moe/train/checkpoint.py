@@ -163,3 +163,22 @@ def load_checkpoint(
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def save_model_checkpoint(path: Path, model: nn.Module, extra_files: dict[str, str]) -> Path:
+    """A model-only checkpoint (exports, pruning, upcycling): same layout and manifest as a
+    training checkpoint, without optimizer or progress. ``load_model`` reads it; a new run
+    can start from its weights."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp)
+    for name, text in extra_files.items():
+        (tmp / name).write_text(text)
+    write_manifest(tmp, 0)
+    fsync_tree(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

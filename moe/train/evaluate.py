@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moe.api import load_model, load_tokenizer, resolve_checkpoint
-from moe.train.checkpoint import read_config
+from moe.train.checkpoint import CheckpointError, read_config
 
 from .config import ConfigError, RunConfig
 from .data import build_data
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(cfg.device)
         model = load_model(path, device)
         data = build_data(cfg.data, cfg.train.seq_len, tokenizer=load_tokenizer(path))
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"moe-eval: error: {err}", file=sys.stderr)
         sys.exit(2)
     with torch.no_grad():

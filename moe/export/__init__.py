@@ -1,0 +1,1 @@
+"""Export: Hugging Face models, per-expert files, pruning and upcycling."""
