@@ -6,6 +6,20 @@ from dataclasses import dataclass, field
 
 from moe.layers import MoEConfig
 
+# Fields that decide the shapes of the weights: a checkpoint only fits a model that agrees.
+WEIGHT_SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ff",
+    "moe_every",
+    "tie_embeddings",
+    "qk_norm",
+)
+MOE_WEIGHT_SHAPE_FIELDS = ("num_experts", "d_ff", "activation", "expert_bias")
+
 
 @dataclass
 class ModelConfig:
@@ -48,15 +62,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "d_ff",
-            "max_seq_len",
-        ):
+        for name in (*WEIGHT_SHAPE_FIELDS[:6], "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:

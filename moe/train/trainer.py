@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moe.model import MoETransformer
+from moe.model.config import MOE_WEIGHT_SHAPE_FIELDS, WEIGHT_SHAPE_FIELDS
 
 from .batches import PackedSequences, Sampler
 from .checkpoint import (
@@ -135,23 +136,13 @@ class Trainer:
         """Refuse a checkpoint of another model shape before loading anything from it."""
         stored = read_config(path)["model"]
         current = dataclasses.asdict(self.cfg.model)
-        for key in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "d_ff",
-            "moe_every",
-            "tie_embeddings",
-            "qk_norm",
-        ):
+        for key in WEIGHT_SHAPE_FIELDS:
             if stored.get(key) != current[key]:
                 raise ConfigError(
                     f"checkpoint {path} has model.{key}={stored.get(key)}, this "
                     f"run model.{key}={current[key]}; resume with a matching model"
                 )
-        for key in ("num_experts", "d_ff", "activation", "expert_bias"):
+        for key in MOE_WEIGHT_SHAPE_FIELDS:
             if stored["moe"].get(key) != current["moe"][key]:
                 raise ConfigError(
                     f"checkpoint {path} has model.moe.{key}={stored['moe'].get(key)}, this run "

@@ -24,6 +24,11 @@ from tests.train.helpers import small_config
 transformers = pytest.importorskip("transformers")
 
 
+def command(entry: str) -> list[str]:
+    """``moe-export`` / ``moe-upcycle`` as a subprocess, whatever is on PATH."""
+    return [sys.executable, "-c", f"from moe.export.cli import {entry}; {entry}()"]
+
+
 def small_model(**kw):
     torch.manual_seed(0)
     base = dict(
@@ -180,9 +185,7 @@ def test_export_and_upcycle_commands(tmp_path):
     trainer.close()
     up = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from moe.export.cli import upcycle_main; upcycle_main()",
+            *command("upcycle_main"),
             f"source={tmp_path / 'dense'}",
             f"out={tmp_path / 'moe'}",
             "num_experts=4",
@@ -194,9 +197,7 @@ def test_export_and_upcycle_commands(tmp_path):
     assert up.returncode == 0, up.stderr[-2000:]
     out = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from moe.export.cli import export_main; export_main()",
+            *command("export_main"),
             f"checkpoint={tmp_path / 'moe'}",
             f"out={tmp_path / 'hf'}",
             "format=hf",
@@ -212,9 +213,7 @@ def test_export_and_upcycle_commands(tmp_path):
         assert rel_err(hf(ids).logits, dense(ids).logits) <= 1e-5
     pruned = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from moe.export.cli import export_main; export_main()",
+            *command("export_main"),
             f"checkpoint={tmp_path / 'moe'}",
             f"out={tmp_path / 'pruned'}",
             "format=pruned",
@@ -229,9 +228,7 @@ def test_export_and_upcycle_commands(tmp_path):
     assert load_model(tmp_path / "pruned").config.moe.num_experts == 2
     bad = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from moe.export.cli import export_main; export_main()",
+            *command("export_main"),
             f"checkpoint={tmp_path / 'dense'}",
             "out=x",
             "format=onnx",
