@@ -55,6 +55,9 @@ class Router(nn.Module):
         self.register_buffer(
             "expert_bias_E", torch.zeros(config.num_experts) if config.expert_bias else None
         )
+        # Set from outside (moe.parallel) to sum expert counts over all ranks; the router
+        # itself never communicates.
+        self.count_reducer = None
 
     def forward(self, x_TD: Tensor) -> RouterOutput:
         if self.training and self.jitter > 0:
@@ -76,7 +79,10 @@ class Router(nn.Module):
             if T == 0:
                 zero = logits_TE.sum()  # keeps the graph connected to the router weight
                 return RouterOutput(ids_TK, gates_TK, zero, zero, routed_E, zero.detach())
-            load_E = routed_E.to(probs_TE.dtype) / (T * self.top_k)
+            # f_i from every data-parallel rank's tokens when a reducer is set (the loss
+            # then does not depend on the layout); P_i from this rank's (its gradient).
+            global_E = routed_E if self.count_reducer is None else self.count_reducer(routed_E)
+            load_E = global_E.to(probs_TE.dtype) / global_E.sum().clamp_min(1)
             aux_loss = E * torch.sum(load_E * probs_TE.mean(dim=0))
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
