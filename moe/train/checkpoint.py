@@ -87,17 +87,26 @@ def save_checkpoint(
     data_position: int,
     extra_files: dict[str, str],
     keep: int,
+    shards=None,
+    writer: bool = True,
 ) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``.
 
+    In a multi-process run every rank calls this (``shards``, a ``moe.parallel``
+    ``ExpertShards``, gathers the expert slices) and only the ``writer`` rank writes.
     On failure (a full disk, say) the partial directory is removed, earlier checkpoints are
     untouched, and ``CheckpointError`` says what happened.
     """
     root = run_dir / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if shards is not None:
+        model_sd, optim_sd = shards.gather(model_sd, optim_sd)
+    if not writer:
+        return final
     try:
-        _write(tmp, step, model, optimizer, data_position, extra_files)
+        _write(tmp, step, model_sd, optim_sd, data_position, extra_files)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(run_dir)
@@ -111,10 +120,9 @@ def save_checkpoint(
     return final
 
 
-def _write(tmp: Path, step: int, model, optimizer, data_position: int, extra_files) -> None:
+def _write(tmp: Path, step: int, model_sd, optim_sd, data_position: int, extra_files) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {
         "model": model_sd,
         "optim": optim_sd,
@@ -123,7 +131,7 @@ def _write(tmp: Path, step: int, model, optimizer, data_position: int, extra_fil
     }
     with warnings.catch_warnings():  # DCP warns that it runs without a process group
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, checkpoint_id=tmp)
+        dcp.save(state, checkpoint_id=tmp, no_dist=True)
     for name, text in extra_files.items():
         (tmp / name).write_text(text)
     write_manifest(tmp, step)
@@ -131,15 +139,18 @@ def _write(tmp: Path, step: int, model, optimizer, data_position: int, extra_fil
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, shards=None
 ) -> dict[str, int]:
     """Restore model (and optimizer, RNG) in place; returns ``step`` and ``data_position``.
-    The checkpoint is verified first (manifest, safe metadata)."""
+    The checkpoint is verified first (manifest, safe metadata). With ``shards`` each rank
+    reads the full expert stacks and keeps its slice, whatever layout wrote them."""
     verify_checkpoint(path)
     if optimizer is None:
         state = {"model": model.state_dict()}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        if shards is not None:
+            model_sd, optim_sd = shards.skeleton(model_sd, optim_sd)
         state = {
             "model": model_sd,
             "optim": optim_sd,
@@ -148,10 +159,12 @@ def load_checkpoint(
         }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     if optimizer is None:
         model.load_state_dict(state["model"])
         return {}
+    if shards is not None:
+        state["model"], state["optim"] = shards.slice(state["model"], state["optim"])
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -174,7 +187,7 @@ def save_model_checkpoint(path: Path, model: nn.Module, extra_files: dict[str, s
     tmp.mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp)
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp, no_dist=True)
     for name, text in extra_files.items():
         (tmp / name).write_text(text)
     write_manifest(tmp, 0)

@@ -72,7 +72,9 @@ def format_summary(summary: dict) -> str:
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
-    """``status.json``: running, finished or failed; sweep reports read it."""
+    """``status.json``: running, finished or failed; sweep reports read it (rank 0 writes)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "status.json").write_text(json.dumps({"status": status, **extra}))
 
@@ -134,6 +136,8 @@ def hydra_app(cfg: DictConfig) -> float | None:
     finally:
         trainer.close()
     write_status(run_dir, "finished")
+    if os.environ.get("RANK", "0") != "0":
+        return summary["val_loss"]
     print(format_summary(summary))
     (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(trainer.cfg), indent=1))
     return summary["val_loss"]  # what a Hydra sweeper minimises
@@ -141,6 +145,10 @@ def hydra_app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     args = sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(
+        a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in args
+    ):  # each rank would otherwise stamp its own time into the run directory's name
+        fail("with several processes set hydra.run.dir=... (the same for every rank)")
     if not any(a.startswith("-") for a in args):  # flags such as -m, --cfg, --help
         validate_overrides(args)
     hydra_app()

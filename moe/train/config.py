@@ -180,13 +180,15 @@ class LoggerSection:
 
 @dataclass
 class ParallelSection:
-    """ep: expert-parallel degree (1 until the expert-parallel dispatcher lands)."""
+    """ep: expert-parallel degree: each MoE layer's experts are split over ``ep`` ranks
+    (it must divide the number of processes and ``model.moe.num_experts``); the world is
+    data-parallel over the rest."""
 
     ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.ep != 1:
-            raise ConfigError("parallel.ep > 1 is not available yet; use parallel.ep=1")
+        if self.ep < 1:
+            raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
 
 
 @dataclass

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from moe.model import MoETransformer
 from moe.model.config import MOE_WEIGHT_SHAPE_FIELDS, WEIGHT_SHAPE_FIELDS
+from moe.parallel import clip_grad_norm_, sync_gradients
 
 from .batches import PackedSequences, Sampler
 from .checkpoint import (
@@ -32,6 +36,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, RunConfig
 from .data import build_data
+from .distributed import World, setup_world, shard_model
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
 from .metrics import MetricsLog, truncate_metrics
 from .optim import build_optimizer, learning_rate, set_learning_rate
@@ -63,18 +68,23 @@ def lm_loss(model: MoETransformer, inputs, targets, cfg: RunConfig, device):
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, val: PackedSequences, cfg: RunConfig, device) -> float:
-    """Mean LM loss over the first ``eval.batches`` micro-batches of the validation split."""
+def evaluate(
+    model: MoETransformer, val: PackedSequences, cfg: RunConfig, device, world: World | None = None
+) -> float:
+    """Mean LM loss over the first ``eval.batches`` global micro-batches of the validation
+    split (each rank evaluates its share; the same sequences whatever the layout)."""
+    world = world or World()
     was_training = model.training
     model.eval()
-    mb = cfg.train.micro_batch_size
+    mb = cfg.train.micro_batch_size * world.size
     total, count = 0.0, 0
     for b in range(cfg.eval.batches):
-        indices = torch.arange(b * mb, (b + 1) * mb) % val.count
+        indices = world.my_rows(torch.arange(b * mb, (b + 1) * mb) % val.count)
         ce, _ = lm_loss(model, *val.batch(indices), cfg, device)
         total += ce.item() * len(indices)
         count += len(indices)
     model.train(was_training)
+    total, count = world.sum([total, count])
     return total / count
 
 
@@ -83,13 +93,18 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.world = setup_world(cfg.parallel.ep, cfg.model.moe.num_experts, self.device)
         t = cfg.train
-        if t.global_batch_size % t.micro_batch_size:
+        per_step = t.micro_batch_size * self.world.size  # sequences per global micro-batch
+        if t.global_batch_size % per_step:
             raise ConfigError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size})"
+                f"train.micro_batch_size ({t.micro_batch_size}) x processes ({self.world.size})"
             )
-        self.accumulation = t.global_batch_size // t.micro_batch_size
+        self.accumulation = t.global_batch_size // per_step
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
@@ -99,19 +114,21 @@ class Trainer:
         # model.vocab_size always follows the tokenizer.
         model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
-        self.model = MoETransformer(cfg.model).to(self.device)
+        self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
         self.model.set_checkpointing(t.checkpointing)
         self.forward_model = torch.compile(self.model) if t.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.sampler = Sampler(self.data.train.count, cfg.seed)
         self.step, self.position = 0, 0
         self.resumed_from = self._resume()
-        if self.resumed_from is not None:  # steps after the checkpoint will be run again
+        if self.resumed_from is not None and self.world.main:  # those steps run again
             truncate_metrics(run_dir, self.step)
         self.nonfinite = NonFiniteGuard(t.max_nonfinite_steps)
         self.collapse = CollapseDetector(t.collapse_threshold, t.collapse_steps)
         self.preemption = PreemptionFlag()
-        self.metrics = MetricsLog(run_dir, cfg.logger.wandb, dataclasses.asdict(cfg), enabled=True)
+        self.metrics = MetricsLog(
+            run_dir, cfg.logger.wandb, dataclasses.asdict(cfg), enabled=self.world.main
+        )
 
     def _resume(self) -> Path | None:
         choice = self.cfg.resume
@@ -128,7 +145,7 @@ class Trainer:
             except CheckpointError as err:
                 raise ConfigError(f"resume={choice}: {err}") from None
         self._check_compatible(path)
-        progress = load_checkpoint(path, self.model, self.optimizer)
+        progress = load_checkpoint(path, self.model, self.optimizer, self.world.shards)
         self.step, self.position = progress["step"], progress["data_position"]
         return path
 
@@ -162,6 +179,8 @@ class Trainer:
             self.position,
             files,
             self.cfg.checkpoint.keep,
+            shards=self.world.shards,
+            writer=self.world.main,
         )
 
     def train_step(self) -> tuple[dict, list[torch.Tensor] | None]:
@@ -180,8 +199,9 @@ class Trainer:
             "router_entropy": 0.0,
         }
         loads = None
-        for micro in indices.split(t.micro_batch_size):
-            ce, out = lm_loss(self.forward_model, *self.data.train.batch(micro), cfg, self.device)
+        for micro in indices.split(t.micro_batch_size * self.world.size):
+            mine = self.world.my_rows(micro)
+            ce, out = lm_loss(self.forward_model, *self.data.train.batch(mine), cfg, self.device)
             loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
             (loss / self.accumulation).backward()
             sums["loss"] += loss.item()
@@ -198,9 +218,26 @@ class Trainer:
                     if loads is None
                     else [a + b for a, b in zip(loads, micro_loads, strict=True)]
                 )
-        params = [p for p in self.model.parameters() if p.grad is not None]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        if self.world.layout is not None:
+            sync_gradients(self.model, self.world.layout)
+            grad_norm = clip_grad_norm_(self.model, self.world.layout, clip)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        # Every rank must agree on what it logs and whether it updates: average over ranks.
+        names = list(sums)
+        sums = dict(
+            zip(
+                names,
+                [v / self.world.size for v in self.world.sum(list(sums.values()))],
+                strict=True,
+            )
+        )
+        if loads is not None and self.world.size > 1:
+            stacked = torch.stack(loads)
+            dist.all_reduce(stacked)
+            loads = list(stacked)
         # A non-finite loss or gradient skips the update instead of poisoning the weights.
         update = self.nonfinite.ok(sums["loss"], grad_norm, self.step + 1)
         if update:
@@ -245,14 +282,14 @@ class Trainer:
         flops_per_token = self.model.flops_per_token(t.seq_len)
         first_val = None
         if self.resumed_from is None:  # a resumed run already logged its earlier evaluations
-            first_val = evaluate(self.model, self.data.val, cfg, self.device)
+            first_val = evaluate(self.model, self.data.val, cfg, self.device, self.world)
             self.metrics.write({"step": self.step, "split": "val", "loss": first_val})
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
             desc="train",
             unit="step",
-            disable=not cfg.logger.progress_bar,
+            disable=not (cfg.logger.progress_bar and self.world.main),
             dynamic_ncols=True,
         )
         last_val, record, started, steps_done = first_val, {}, time.perf_counter(), 0
@@ -272,17 +309,19 @@ class Trainer:
                     lr=f"{record['lr']:.2e}",
                 )
                 last = self.step == t.max_steps
-                stopping = self.preemption.signum is not None and not last
+                signalled = self.world.any(self.preemption.signum is not None)
+                stopping = signalled and not last
                 if self.step % t.log_every == 0 or last or stopping:
                     self.metrics.write(record, loads)
                 if self.step % cfg.eval.every == 0 or last:
-                    last_val = evaluate(self.model, self.data.val, cfg, self.device)
+                    last_val = evaluate(self.model, self.data.val, cfg, self.device, self.world)
                     self.metrics.write({"step": self.step, "split": "val", "loss": last_val})
                     bar.write(f"step {self.step}: val loss {last_val:.4f}")
                 if self.step % cfg.checkpoint.every == 0 or last or stopping:
                     saved = self._save()
                 if stopping:
-                    raise Preempted(self.preemption.signum, self.step, saved)
+                    signum = self.preemption.signum or signal.SIGTERM  # another rank's signal
+                    raise Preempted(signum, self.step, saved)
         finally:
             self.preemption.restore()
             bar.close()
@@ -304,7 +343,8 @@ class Trainer:
             "checkpoint": str(found[-1]) if found else None,
             "run_dir": str(self.run_dir),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.world.main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.metrics.summary(summary)
         return summary
 

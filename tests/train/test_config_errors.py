@@ -28,7 +28,7 @@ BAD = [
     (["data.val_fraction=0.9"], "data.val_fraction must be in"),
     (["logger.wandb.mode=maybe"], "logger.wandb.mode must be offline, online or disabled"),
     (["device=tpu"], "device must be auto, cpu or cuda"),
-    (["parallel.ep=2"], "parallel.ep > 1 is not available yet"),
+    (["parallel.ep=0"], "parallel.ep must be >= 1"),
     (["+train.bogus=1"], "unknown config key train.bogus"),
     (["train.bogus=1"], "Could not override 'train.bogus'"),
     (["model=nonexistent"], "Could not find 'model/nonexistent'"),
@@ -122,6 +122,7 @@ TRAINER_BAD = [
         "must be a multiple of train.micro_batch_size",
     ),
     ("resume from a non-checkpoint", lambda p: {"resume": str(p)}, "has no complete.json"),
+    ("ep without processes", lambda p: {"parallel.ep": 2}, "parallel.ep=2 needs 2 processes"),
 ]
 
 

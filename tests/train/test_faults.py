@@ -174,12 +174,11 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     real_save = checkpoint_module.dcp.save
     saves = {"n": 0}
 
-    def full_on_second(state, checkpoint_id):
+    def full_on_second(state, checkpoint_id, **kwargs):
         saves["n"] += 1
-        if saves["n"] == 2:
-            real_save(state, checkpoint_id=checkpoint_id)  # partial files, then the failure
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+        if saves["n"] == 2:  # the files are partly written, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(state, checkpoint_id=checkpoint_id)
 
     monkeypatch.setattr(checkpoint_module.dcp, "save", full_on_second)
     run_dir = tmp_path / "full"

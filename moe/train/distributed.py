@@ -1,0 +1,72 @@
+"""The trainer's view of the process world: who am I, which rows are mine, and sums
+over everyone. One process is the degenerate case: no process group, no communication."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe.parallel import ParallelLayout, parallelize_experts
+from moe.parallel.state import ExpertShards
+
+from .config import ConfigError
+
+
+@dataclass
+class World:
+    size: int = 1
+    rank: int = 0
+    layout: ParallelLayout | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shards(self) -> ExpertShards | None:
+        return ExpertShards(self.layout) if self.layout is not None else None
+
+    def my_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's equal share of a global (micro-)batch."""
+        share = len(indices) // self.size
+        return indices[self.rank * share : (self.rank + 1) * share]
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        return self.sum([float(flag)])[0] > 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def setup_world(ep: int, num_experts: int, device: torch.device) -> World:
+    """Join the process group torchrun (or Slurm's srun + torchrun) describes."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        if ep != 1:
+            raise ConfigError(
+                f"parallel.ep={ep} needs {ep} processes; launch with "
+                f"torchrun --nproc_per_node={ep} -m moe.train parallel.ep={ep}"
+            )
+        return World()
+    if size % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the number of processes ({size})")
+    if num_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide model.moe.num_experts={num_experts}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(size, dist.get_rank(), ParallelLayout.create(ep))
+
+
+def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    return parallelize_experts(model, world.layout) if world.layout is not None else model
