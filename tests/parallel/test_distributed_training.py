@@ -2,6 +2,7 @@
 resumed at another layout, and preemption with several ranks."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -118,3 +119,15 @@ def test_sigterm_with_two_ranks_checkpoints_and_resumes(tmp_path):
     )
     run(resume)
     assert json.loads((run_dir / "summary.json").read_text())["steps_this_run"] == 2
+
+
+def test_single_node_launch_file(tmp_path):
+    overrides = small_overrides(tmp_path, **{"train.max_steps": 2, "train.micro_batch_size": 2})
+    out = subprocess.run(
+        ["bash", "launch/torchrun_single_node.sh", "2", "parallel.ep=2", *overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUN_DIR": str(tmp_path / "run")},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "complete.json").exists()
