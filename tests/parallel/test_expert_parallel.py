@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from moe.layers import MoEConfig, MoELayer
 from moe.model import ModelConfig, MoETransformer
 from moe.parallel import ParallelLayout, clip_grad_norm_, parallelize_experts, sync_gradients
+from tests.reference import on_cpu
 
 STEPS, GLOBAL_BATCH, SEQ = 20, 8, 16
 CONFIG = dict(
@@ -93,6 +94,7 @@ def _train_worker(rank, world, ep, store, out):
 
 
 @pytest.mark.parametrize("world, ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2xep2"])
+@on_cpu  # the workers run gloo on the CPU; the reference must live there too
 def test_expert_parallel_training_matches_one_process(tmp_path, world, ep):
     out = tmp_path / "result.pt"
     mp.spawn(_train_worker, args=(world, ep, str(tmp_path / "store"), str(out)), nprocs=world)
@@ -150,6 +152,7 @@ def _dispatch_worker(rank, world, store, out, starve):
 
 
 @pytest.mark.parametrize("starve", [False, True], ids=["random", "rank_without_tokens"])
+@on_cpu
 def test_all_to_all_dispatch_matches_local(tmp_path, starve):
     world = 2
     out = tmp_path / "dispatch.pt"
