@@ -5,7 +5,8 @@ import torch
 
 # The trainer's tests need its dependencies (hydra, datasets, ...); an image with only
 # torch/triton/einops (a lent GPU machine) runs the kernel, layer and model tests alone.
-collect_ignore = [] if importlib.util.find_spec("hydra") else ["train"]
+TRAINER_TESTS = ["train", "sweep", "export", "parallel/test_distributed_training.py"]
+collect_ignore = [] if importlib.util.find_spec("hydra") else TRAINER_TESTS
 
 if torch.cuda.is_available():
     # On a GPU machine the same tests exercise the CUDA paths (native Triton, grouped_mm).

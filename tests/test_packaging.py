@@ -1,0 +1,18 @@
+"""Every package directory ships in the wheel (an editable install would hide a gap)."""
+
+from pathlib import Path
+
+tomllib = __import__("pytest").importorskip("tomllib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_package_is_listed_in_pyproject():
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    on_disk = {
+        "moe." + ".".join(p.parent.relative_to(ROOT / "moe").parts)
+        for p in (ROOT / "moe").rglob("__init__.py")
+    }
+    on_disk = {name.rstrip(".") for name in on_disk} | {"moe.kernels", "moe.configs"}
+    assert on_disk == listed
