@@ -8,6 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_package_is_listed_in_pyproject():
+    if not (ROOT / "pyproject.toml").exists():
+        __import__("pytest").skip("tests copied out of the source tree")
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(setup["packages"])
     on_disk = {
