@@ -61,18 +61,13 @@ class AllToAllDispatcher(LocalDispatcher):
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         received = all_to_all(x_ND, recv_splits, send_splits, self.group)
-        # Arrived ordered by (source, expert); the grouped GEMM wants (expert, source).
-        starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
-        starts = starts.view(self.ep, L)
-        pieces = [
-            torch.arange(int(starts[src, e]), int(starts[src, e] + recv_counts[src, e]))
-            for e in range(L)
-            for src in range(self.ep)
-        ]
-        regroup = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-        regroup = regroup.to(x_TD.device)
-        restore = torch.empty_like(regroup)
-        restore[regroup] = torch.arange(regroup.numel(), device=regroup.device)
+        # Arrived ordered by (source, expert); the grouped GEMM wants (expert, source):
+        # a stable sort of each row's block by its expert-major position.
+        blocks = torch.arange(self.ep * L, device=recv_counts.device)
+        block_of_row = torch.repeat_interleave(blocks, recv_counts.reshape(-1))
+        expert_major = (block_of_row % L) * self.ep + block_of_row // L
+        regroup = torch.sort(expert_major, stable=True).indices.to(x_TD.device)
+        restore = torch.argsort(regroup)
         offsets_L = torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)
         handle = EPHandle(plan, send_splits, recv_splits, regroup, restore)
         return received.index_select(0, regroup), offsets_L, handle
