@@ -45,13 +45,9 @@ from .optim import build_optimizer, learning_rate, set_learning_rate
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
-    return torch.device(
-        "cuda"
-        if name == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if name == "auto"
-        else name
-    )
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def autocast(cfg: RunConfig, device: torch.device):
@@ -226,14 +222,8 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         # Every rank must agree on what it logs and whether it updates: average over ranks.
-        names = list(sums)
-        sums = dict(
-            zip(
-                names,
-                [v / self.world.size for v in self.world.sum(list(sums.values()))],
-                strict=True,
-            )
-        )
+        totals = self.world.sum(list(sums.values()))
+        sums = {k: v / self.world.size for k, v in zip(sums, totals, strict=True)}
         if loads is not None and self.world.size > 1:
             stacked = torch.stack(loads)
             dist.all_reduce(stacked)
