@@ -105,15 +105,18 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits, aux_loss, z_loss, auxes)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters and those active for one token (top-k of each MoE layer's experts)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        """Total parameters and those active for one token (top-k of each MoE layer's
+        experts), of the whole model even when this process holds a slice of the experts."""
+        expert_ids, experts_total, experts_active = set(), 0, 0
         for block in self.blocks:
             if block.is_moe:
                 experts = block.ffn.experts
                 per_expert = sum(p[0].numel() for p in experts.parameters())
-                inactive += per_expert * (experts.num_experts - block.ffn.config.top_k)
-        return {"total": total, "active": total - inactive}
+                experts_total += per_expert * block.ffn.config.num_experts
+                experts_active += per_expert * block.ffn.config.top_k
+                expert_ids |= {id(p) for p in experts.parameters()}
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in expert_ids)
+        return {"total": dense + experts_total, "active": dense + experts_active}
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 x active matmul parameters plus attention scores

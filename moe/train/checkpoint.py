@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .checkpoint_files import (
     MANIFEST,
@@ -82,8 +81,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine,
     data_position: int,
     extra_files: dict[str, str],
     keep: int,
@@ -92,6 +90,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``.
 
+    ``engine`` (``moe.train.engine``) supplies the model and optimizer state dicts.
     In a multi-process run every rank calls this (``shards``, a ``moe.parallel``
     ``ExpertShards``, gathers the expert slices) and only the ``writer`` rank writes.
     On failure (a full disk, say) the partial directory is removed, earlier checkpoints are
@@ -100,7 +99,7 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = engine.state_dicts()
     if shards is not None:
         model_sd, optim_sd = shards.gather(model_sd, optim_sd)
     if not writer:
@@ -138,17 +137,18 @@ def _write(tmp: Path, step: int, model_sd, optim_sd, data_position: int, extra_f
     fsync_tree(tmp)
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, shards=None
-) -> dict[str, int]:
-    """Restore model (and optimizer, RNG) in place; returns ``step`` and ``data_position``.
-    The checkpoint is verified first (manifest, safe metadata). With ``shards`` each rank
-    reads the full expert stacks and keeps its slice, whatever layout wrote them."""
+def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> dict[str, int]:
+    """Restore the model (with an ``engine``: also the optimizer moments and the RNG) in
+    place; returns ``step`` and ``data_position``. The checkpoint is verified first
+    (manifest, safe metadata). With ``shards`` each rank reads the full expert stacks and
+    keeps its slice, whatever layout wrote them. Optimizer hyperparameters are not read:
+    they come from the resuming run's config."""
     verify_checkpoint(path)
-    if optimizer is None:
+    if engine is None:
         state = {"model": model.state_dict()}
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = engine.state_dicts()
+        optim_sd = {"state": optim_sd["state"]}
         if shards is not None:
             model_sd, optim_sd = shards.skeleton(model_sd, optim_sd)
         state = {
@@ -160,14 +160,12 @@ def load_checkpoint(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=path, no_dist=True)
-    if optimizer is None:
+    if engine is None:
         model.load_state_dict(state["model"])
         return {}
     if shards is not None:
         state["model"], state["optim"] = shards.slice(state["model"], state["optim"])
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    engine.load_state_dicts(state["model"], state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng"]["cuda"])

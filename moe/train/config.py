@@ -182,13 +182,24 @@ class LoggerSection:
 class ParallelSection:
     """ep: expert-parallel degree: each MoE layer's experts are split over ``ep`` ranks
     (it must divide the number of processes and ``model.moe.num_experts``); the world is
-    data-parallel over the rest."""
+    data-parallel over the rest. engine: ``native`` (our gradient sync, torch AdamW) or
+    ``deepspeed`` (DeepSpeed ZeRO with expert parameters in DeepSpeed's MoE groups; needs the
+    ``bench`` extra). zero_stage: the ZeRO stage under ``engine=deepspeed`` (1 or 2)."""
 
     ep: int = 1
+    engine: str = "native"
+    zero_stage: int = 2
 
     def __post_init__(self) -> None:
         if self.ep < 1:
             raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
+        if self.engine not in ("native", "deepspeed"):
+            raise ConfigError(f"parallel.engine must be native or deepspeed, got {self.engine!r}")
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(
+                f"parallel.zero_stage must be 1 or 2 (used with parallel.engine=deepspeed), "
+                f"got {self.zero_stage}"
+            )
 
 
 @dataclass

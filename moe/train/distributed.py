@@ -4,6 +4,7 @@ over everyone. One process is the degenerate case: no process group, no communic
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,11 @@ class World:
             dist.barrier()
 
 
-def setup_world(ep: int, num_experts: int, device: torch.device) -> World:
-    """Join the process group torchrun (or Slurm's srun + torchrun) describes."""
+def setup_world(ep: int, num_experts: int, device: torch.device, engine: str = "native") -> World:
+    """Join the process group torchrun (or srun + torchrun, the DeepSpeed launcher,
+    ``accelerate launch``) describes. DeepSpeed wants a process group even for one process."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if size == 1 and engine == "native":
         if ep != 1:
             raise ConfigError(
                 f"parallel.ep={ep} needs {ep} processes; launch with "
@@ -64,8 +66,22 @@ def setup_world(ep: int, num_experts: int, device: torch.device) -> World:
     if num_experts % ep:
         raise ConfigError(f"parallel.ep={ep} must divide model.moe.num_experts={num_experts}")
     if not dist.is_initialized():
+        if size == 1:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if engine == "deepspeed":
+        from .deepspeed_engine import deepspeed_layout
+
+        return World(size, dist.get_rank(), deepspeed_layout(ep))
     return World(size, dist.get_rank(), ParallelLayout.create(ep))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:

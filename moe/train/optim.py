@@ -34,15 +34,24 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
         else:
             decay.append(p)
     return [
-        {"params": decay, "weight_decay": optim.weight_decay, "lr_scale": 1.0},
-        {"params": experts, "weight_decay": optim.weight_decay, "lr_scale": optim.expert_lr_scale},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"name": "decay", "params": decay, "weight_decay": optim.weight_decay, "lr_scale": 1.0},
+        {
+            "name": "experts",
+            "params": experts,
+            "weight_decay": optim.weight_decay,
+            "lr_scale": optim.expert_lr_scale,
+        },
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
     ]
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    return adamw(param_groups(model, optim), optim)
+
+
+def adamw(groups: list[dict], optim: OptimSection) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, optim),
+        groups,
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,

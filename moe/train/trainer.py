@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from moe.model import MoETransformer
 from moe.model.config import MOE_WEIGHT_SHAPE_FIELDS, WEIGHT_SHAPE_FIELDS
-from moe.parallel import clip_grad_norm_, sync_gradients
 
 from .batches import PackedSequences, Sampler
 from .checkpoint import (
@@ -37,9 +36,10 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig
 from .data import build_data
 from .distributed import World, setup_world, shard_model
+from .engine import build_engine
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
 from .metrics import MetricsLog, truncate_metrics
-from .optim import build_optimizer, learning_rate, set_learning_rate
+from .optim import learning_rate, set_learning_rate
 
 
 def pick_device(name: str) -> torch.device:
@@ -92,7 +92,9 @@ class Trainer:
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        self.world = setup_world(cfg.parallel.ep, cfg.model.moe.num_experts, self.device)
+        self.world = setup_world(
+            cfg.parallel.ep, cfg.model.moe.num_experts, self.device, cfg.parallel.engine
+        )
         t = cfg.train
         per_step = t.micro_batch_size * self.world.size  # sequences per global micro-batch
         if t.global_batch_size % per_step:
@@ -112,8 +114,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
         self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
         self.model.set_checkpointing(t.checkpointing)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = build_engine(self.model, cfg, self.world, self.accumulation)
         self.sampler = Sampler(self.data.train.count, cfg.seed)
         self.step, self.position = 0, 0
         self.resumed_from = self._resume()
@@ -141,7 +142,7 @@ class Trainer:
             except CheckpointError as err:
                 raise ConfigError(f"resume={choice}: {err}") from None
         self._check_compatible(path)
-        progress = load_checkpoint(path, self.model, self.optimizer, self.world.shards)
+        progress = load_checkpoint(path, self.model, self.engine, self.world.shards)
         self.step, self.position = progress["step"], progress["data_position"]
         return path
 
@@ -170,8 +171,7 @@ class Trainer:
         return save_checkpoint(
             self.run_dir,
             self.step,
-            self.model,
-            self.optimizer,
+            self.engine,
             self.position,
             files,
             self.cfg.checkpoint.keep,
@@ -183,7 +183,7 @@ class Trainer:
         """One optimizer step over one global batch: its metrics and per-layer expert loads."""
         cfg, t = self.cfg, self.cfg.train
         lr = learning_rate(self.step, t.max_steps, cfg.optim)
-        set_learning_rate(self.optimizer, lr)
+        set_learning_rate(self.engine.optimizer, lr)
         indices = self.sampler.indices(self.position, t.global_batch_size)
         self.position += t.global_batch_size
         sums = {
@@ -197,9 +197,10 @@ class Trainer:
         loads = None
         for micro in indices.split(t.micro_batch_size * self.world.size):
             mine = self.world.my_rows(micro)
-            ce, out = lm_loss(self.forward_model, *self.data.train.batch(mine), cfg, self.device)
+            batch = self.data.train.batch(mine)
+            ce, out = lm_loss(self.engine.forward_model, *batch, cfg, self.device)
             loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
-            (loss / self.accumulation).backward()
+            self.engine.backward(loss)
             sums["loss"] += loss.item()
             sums["lm_loss"] += ce.item()
             sums["aux_loss"] += out.aux_loss.item()
@@ -214,13 +215,6 @@ class Trainer:
                     if loads is None
                     else [a + b for a, b in zip(loads, micro_loads, strict=True)]
                 )
-        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        if self.world.layout is not None:
-            sync_gradients(self.model, self.world.layout)
-            grad_norm = clip_grad_norm_(self.model, self.world.layout, clip)
-        else:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         # Every rank must agree on what it logs and whether it updates: average over ranks.
         totals = self.world.sum(list(sums.values()))
         sums = {k: v / self.world.size for k, v in zip(sums, totals, strict=True)}
@@ -228,12 +222,8 @@ class Trainer:
             stacked = torch.stack(loads)
             dist.all_reduce(stacked)
             loads = list(stacked)
-        # A non-finite loss or gradient skips the update instead of poisoning the weights.
-        update = self.nonfinite.ok(sums["loss"], grad_norm, self.step + 1)
-        if update:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if update and loads is not None:
+        grad_norm, updated = self.engine.step(self.nonfinite, sums["loss"], self.step + 1)
+        if updated and loads is not None:
             self._update_expert_biases(loads)
         self.step += 1
         record = {
@@ -247,7 +237,8 @@ class Trainer:
             record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
             tokens = t.global_batch_size * t.seq_len
             for message in self.collapse.update(loads, tokens, self.step):
-                tqdm.write(f"warning: {message}")
+                if self.world.main:
+                    tqdm.write(f"warning: {message}")
                 record["router_collapse"] = 1
         return record, loads
 
@@ -306,7 +297,8 @@ class Trainer:
                 if self.step % cfg.eval.every == 0 or last:
                     last_val = evaluate(self.model, self.data.val, cfg, self.device, self.world)
                     self.metrics.write({"step": self.step, "split": "val", "loss": last_val})
-                    bar.write(f"step {self.step}: val loss {last_val:.4f}")
+                    if self.world.main:
+                        bar.write(f"step {self.step}: val loss {last_val:.4f}")
                 if self.step % cfg.checkpoint.every == 0 or last or stopping:
                     saved = self._save()
                 if stopping:

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,41 +12,10 @@ import torch
 
 from moe import load_model
 from moe.train.checkpoint import complete_checkpoints
-from moe.train.metrics import read_metrics
+from tests.parallel.runs import launch, losses, run
 from tests.train.helpers import small_overrides
 
 pytest.importorskip("hydra")
-
-
-def launch(tmp_path, run_dir, procs, ep, **extra):
-    # Global micro-batches of 4 sequences whatever the world: 4 // procs per rank.
-    overrides = small_overrides(
-        tmp_path, **{"train.deterministic": True, **extra, "train.micro_batch_size": 4 // procs}
-    )
-    head = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={procs}",
-            "--standalone",
-            "-m",
-            "moe.train",
-        ]
-        if procs > 1
-        else [sys.executable, "-m", "moe.train"]
-    )
-    return [*head, *overrides, f"parallel.ep={ep}", f"hydra.run.dir={run_dir}"]
-
-
-def losses(run_dir, split=None):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r.get("split") == split}
-
-
-def run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 @pytest.mark.parametrize("procs, ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2xep2"])
