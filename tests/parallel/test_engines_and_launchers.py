@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +108,43 @@ def test_accelerate_launch_starts_a_two_process_run(one_process, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert_losses_match(tmp_path / "acc", one_process / "one", range(1, 5))
+
+
+# Run in a fresh interpreter: DeepSpeed keeps its process groups in module globals.
+NAN_UNDER_DEEPSPEED = """
+import sys
+from pathlib import Path
+import torch
+import moe.train.trainer as trainer_module
+from moe.train.metrics import read_metrics
+from tests.train.helpers import small_config
+
+real, calls = trainer_module.lm_loss, {"n": 0}
+def nan_at_step_3(model, inputs, targets, cfg, device):
+    ce, out = real(model, inputs, targets, cfg, device)
+    if model.training:
+        calls["n"] += 1  # two micro-batches per step: calls 5 and 6 are step 3
+        if calls["n"] in (5, 6):
+            ce = ce * float("nan")
+    return ce, out
+trainer_module.lm_loss = nan_at_step_3
+tmp = Path(sys.argv[1])
+cfg = small_config(tmp, **{"train.max_steps": 5, "parallel.engine": "deepspeed"})
+trainer = trainer_module.Trainer(cfg, tmp / "run")
+summary = trainer.train()
+steps = {r["step"]: r for r in read_metrics(tmp / "run") if "split" not in r}
+assert summary["skipped_steps"] == 1 and summary["steps"] == 5, summary
+assert steps[2]["skipped_steps"] == 0 and steps[3]["skipped_steps"] == 1, steps
+assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+print("ok")
+"""
+
+
+def test_deepspeed_skips_a_non_finite_step_in_one_process(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", NAN_UNDER_DEEPSPEED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
