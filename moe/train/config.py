@@ -8,6 +8,7 @@ trainer never see a ``DictConfig``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -195,6 +196,8 @@ class ParallelSection:
             raise ConfigError(f"parallel.ep must be >= 1, got {self.ep}")
         if self.engine not in ("native", "deepspeed"):
             raise ConfigError(f"parallel.engine must be native or deepspeed, got {self.engine!r}")
+        if self.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: pip install deepspeed")
         if self.zero_stage not in (1, 2):
             raise ConfigError(
                 f"parallel.zero_stage must be 1 or 2 (used with parallel.engine=deepspeed), "
@@ -227,6 +230,8 @@ class RunConfig:
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                 f"({self.model.max_seq_len})"
             )
+        if self.train.compile and self.parallel.engine != "native":
+            raise ConfigError("train.compile=true works with parallel.engine=native only")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from moe.parallel import clip_grad_norm_, sync_gradients
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .distributed import World
 from .faults import NonFiniteGuard
 from .optim import build_optimizer
@@ -66,8 +66,6 @@ class NativeEngine:
 def build_engine(model: nn.Module, cfg: RunConfig, world: World, accumulation: int):
     if cfg.parallel.engine == "native":
         return NativeEngine(model, cfg, world, accumulation)
-    if cfg.train.compile:
-        raise ConfigError("train.compile=true works with parallel.engine=native only")
     from .deepspeed_engine import DeepSpeedEngine  # imports DeepSpeed only when asked for
 
     return DeepSpeedEngine(model, cfg, world, accumulation)
