@@ -3,24 +3,18 @@ and the DeepSpeed-launcher and accelerate files in launch/ starting 2-process ru
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from moe.train.distributed import free_port
 from tests.parallel.runs import launch, losses, run
 from tests.train.helpers import small_overrides
 
 pytest.importorskip("deepspeed")
 
 STEPS = {"train.max_steps": 12, "checkpoint.every": 6, "checkpoint.keep": 4, "eval.every": 6}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_losses_match(run_dir, reference_dir, steps):
