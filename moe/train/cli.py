@@ -120,13 +120,17 @@ def hydra_app(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         write_status(run_dir, "failed", error=str(err))
         fail(str(err))
+    together = False  # whether every rank stops here with this one (see Trainer.close)
     try:
         summary = trainer.train()
+        together = True
     except Preempted as err:
+        together = True
         write_status(run_dir, "preempted", error=str(err))
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     except (NumericalFault, CheckpointError) as err:
+        together = isinstance(err, NumericalFault)  # decided on rank-averaged numbers
         write_status(run_dir, "failed", error=str(err))
         print(f"moe-train: error: {err}", file=sys.stderr)
         sys.exit(EXIT_NUMERICAL if isinstance(err, NumericalFault) else 1)
@@ -134,7 +138,7 @@ def hydra_app(cfg: DictConfig) -> float | None:
         write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
         raise
     finally:
-        trainer.close()
+        trainer.close(together)
     write_status(run_dir, "finished")
     if os.environ.get("RANK", "0") != "0":
         return summary["val_loss"]

@@ -49,6 +49,15 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def close(self, together: bool) -> None:
+        """Leave the process group. ``together``: every rank stopped at the same point, so
+        wait for all before tearing down (a rank leaving while another still talks to the
+        group's store aborts that one). After a one-rank failure nobody waits."""
+        if dist.is_initialized():
+            if together:
+                dist.barrier()
+            dist.destroy_process_group()
+
 
 def setup_world(ep: int, num_experts: int, device: torch.device, engine: str = "native") -> World:
     """Join the process group torchrun (or srun + torchrun, the DeepSpeed launcher,

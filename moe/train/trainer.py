@@ -330,5 +330,8 @@ class Trainer:
         self.metrics.summary(summary)
         return summary
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """``together``: all ranks reached this point (a finished run, or a stop they
+        agreed on), so they leave the process group together."""
         self.metrics.close()
+        self.world.close(together)

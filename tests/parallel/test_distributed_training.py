@@ -68,9 +68,9 @@ def test_sigterm_with_two_ranks_checkpoints_and_resumes(tmp_path):
     cmd = launch(tmp_path, run_dir, 2, 2, **{"train.max_steps": 2000, "checkpoint.every": 500})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+    # A logged training step means both ranks have their signal handlers installed.
+    while not losses(run_dir) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
