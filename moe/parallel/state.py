@@ -1,14 +1,18 @@
-"""Checkpoint state across layouts: every checkpoint holds the full expert stacks, so it
-can be resumed at any world size and expert-parallel degree.
+"""Checkpoint state across layouts: in the state dicts handed to
+``torch.distributed.checkpoint``, every expert tensor (weights and AdamW moments) is a
+DTensor over a (data-parallel, expert-parallel) device mesh: sharded along the expert
+dimension over EP, replicated over DP.
 
-Saving gathers each rank's expert slice (and its AdamW moments) over the EP group; loading
-reads the full stacks and keeps this rank's slice.
+Saving, each EP rank writes its own rows (no gather, no full copy on any rank). Loading,
+DCP reads into each rank exactly the rows its slice covers, whatever layout wrote them; a
+single process loads the same files into full tensors.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .layout import ParallelLayout
 
@@ -20,38 +24,35 @@ def is_expert_key(fqn: str) -> bool:
 class ExpertShards:
     def __init__(self, layout: ParallelLayout):
         self.layout = layout
+        self._mesh: DeviceMesh | None = None
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.layout.ep)]
-        dist.all_gather(parts, t.contiguous(), group=self.layout.ep_group)
-        return torch.cat(parts)
+    def _mesh_for(self, t: torch.Tensor) -> DeviceMesh:
+        """Rank = dp_index * ep + ep_index, as in ``ParallelLayout``; built on first use
+        (collective: every rank saves and loads together)."""
+        if self._mesh is None:
+            self._mesh = init_device_mesh(
+                t.device.type, (self.layout.dp, self.layout.ep), mesh_dim_names=("dp", "ep")
+            )
+        return self._mesh
 
-    def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        rows = t.shape[0] // self.layout.ep
-        return t[self.layout.ep_rank * rows : (self.layout.ep_rank + 1) * rows].clone()
+    def _distribute(self, t: torch.Tensor) -> DTensor:
+        return DTensor.from_local(t, self._mesh_for(t), [Replicate(), Shard(0)], run_check=False)
 
-    def _map(self, model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
-        model_out = {k: fn(v) if is_expert_key(k) else v for k, v in model_sd.items()}
-        state = {}
-        for fqn, moments in optim_sd["state"].items():
-            state[fqn] = {
-                k: fn(v) if is_expert_key(fqn) and torch.is_tensor(v) and v.dim() > 0 else v
-                for k, v in moments.items()
-            }
-        return model_out, {**optim_sd, "state": state}
+    def distribute(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+        """This rank's expert slices -> DTensors of the full stacks (no communication)."""
+        return _map_experts(model_sd, optim_sd, self._distribute)
 
-    def gather(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
-        """This rank's slices -> full stacks (collective over the EP group)."""
-        return self._map(model_sd, optim_sd, self._gather)
+    def localize(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+        """DTensors -> this rank's slices."""
+        return _map_experts(model_sd, optim_sd, lambda t: t.to_local())
 
-    def skeleton(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
-        """Full-shaped empty tensors to load a checkpoint into (no communication)."""
 
-        def grow(t):
-            return t.new_empty(t.shape[0] * self.layout.ep, *t.shape[1:])
-
-        return self._map(model_sd, optim_sd, grow)
-
-    def slice(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
-        """Full stacks -> this rank's slices."""
-        return self._map(model_sd, optim_sd, self._slice)
+def _map_experts(model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
+    model_out = {k: fn(v) if is_expert_key(k) else v for k, v in model_sd.items()}
+    state = {}
+    for fqn, moments in optim_sd["state"].items():
+        state[fqn] = {
+            k: fn(v) if is_expert_key(fqn) and torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in moments.items()
+        }
+    return model_out, {**optim_sd, "state": state}

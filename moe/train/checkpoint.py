@@ -22,8 +22,10 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_files import (
     MANIFEST,
@@ -90,51 +92,75 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``.
 
-    ``engine`` (``moe.train.engine``) supplies the model and optimizer state dicts.
-    In a multi-process run every rank calls this (``shards``, a ``moe.parallel``
-    ``ExpertShards``, gathers the expert slices) and only the ``writer`` rank writes.
-    On failure (a full disk, say) the partial directory is removed, earlier checkpoints are
-    untouched, and ``CheckpointError`` says what happened.
+    ``engine`` (``moe.train.engine``) supplies the model and optimizer state dicts. In a
+    multi-process run every rank calls this: each writes its own expert rows (``shards``, a
+    ``moe.parallel`` ``ExpertShards``, makes them DTensors), and the ``writer`` rank the
+    replicated rest, the extra files and the manifest, then moves the directory into place.
+    On failure (a full disk, say) on any rank, the partial directory is removed, earlier
+    checkpoints are untouched, and every rank raises ``CheckpointError``.
     """
     root = run_dir / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
+    distributed = shards is not None
     model_sd, optim_sd = engine.state_dicts()
-    if shards is not None:
-        model_sd, optim_sd = shards.gather(model_sd, optim_sd)
-    if not writer:
-        return final
-    try:
-        _write(tmp, step, model_sd, optim_sd, data_position, extra_files)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = complete_checkpoints(run_dir)
-        previous = f"; {kept[-1].name} is intact" if kept else ""
-        raise CheckpointError(f"could not write checkpoint step_{step}: {err}{previous}") from err
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write(tmp: Path, step: int, model_sd, optim_sd, data_position: int, extra_files) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if distributed:
+        model_sd, optim_sd = shards.distribute(model_sd, optim_sd)
     state = {
         "model": model_sd,
         "optim": optim_sd,
         "progress": {"step": torch.tensor(step), "data_position": torch.tensor(data_position)},
         "rng": _rng_state(),
     }
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group
+
+    def prepare():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def finish():
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
+        write_manifest(tmp, step)
+        fsync_tree(tmp)
+
+    phases = [(prepare, writer), (lambda: _dcp_save(state, tmp, distributed), True)]
+    for phase, mine in [*phases, (finish, writer)]:
+        error = None
+        if mine:
+            try:
+                phase()
+            except (OSError, CheckpointException) as err:
+                error = err
+        if not _everyone_ok(error is None, distributed):
+            if writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = complete_checkpoints(run_dir)
+            previous = f"; {kept[-1].name} is intact" if kept else ""
+            reason = error or "another rank could not write its part"
+            raise CheckpointError(f"could not write checkpoint step_{step}: {reason}{previous}")
+    if writer:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _everyone_ok(True, distributed)  # nobody goes on before the checkpoint is in place
+    return final
+
+
+def _dcp_save(state: dict, path: Path, distributed: bool) -> None:
+    with warnings.catch_warnings():  # DCP warns when it runs without a process group
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, checkpoint_id=tmp, no_dist=True)
-    for name, text in extra_files.items():
-        (tmp / name).write_text(text)
-    write_manifest(tmp, step)
-    fsync_tree(tmp)
+        dcp.save(state, checkpoint_id=path, no_dist=not distributed)
+
+
+def _everyone_ok(ok: bool, distributed: bool) -> bool:
+    """Whether every rank succeeded (collective when ``distributed``)."""
+    if not distributed:
+        return ok
+    failed = torch.tensor([0 if ok else 1])
+    dist.all_reduce(failed)
+    return failed.item() == 0
 
 
 def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> dict[str, int]:
@@ -144,13 +170,14 @@ def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> d
     keeps its slice, whatever layout wrote them. Optimizer hyperparameters are not read:
     they come from the resuming run's config."""
     verify_checkpoint(path)
+    distributed = shards is not None
     if engine is None:
         state = {"model": model.state_dict()}
     else:
         model_sd, optim_sd = engine.state_dicts()
         optim_sd = {"state": optim_sd["state"]}
-        if shards is not None:
-            model_sd, optim_sd = shards.skeleton(model_sd, optim_sd)
+        if distributed:
+            model_sd, optim_sd = shards.distribute(model_sd, optim_sd)
         state = {
             "model": model_sd,
             "optim": optim_sd,
@@ -159,12 +186,12 @@ def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> d
         }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        dcp.load(state, checkpoint_id=path, no_dist=not distributed)
     if engine is None:
         model.load_state_dict(state["model"])
         return {}
-    if shards is not None:
-        state["model"], state["optim"] = shards.slice(state["model"], state["optim"])
+    if distributed:
+        state["model"], state["optim"] = shards.localize(state["model"], state["optim"])
     engine.load_state_dicts(state["model"], state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

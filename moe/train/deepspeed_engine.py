@@ -44,7 +44,7 @@ def group_name(ep: int) -> str:
 def deepspeed_layout(ep: int) -> ParallelLayout:
     """Create DeepSpeed's expert-parallel groups (on the process group we initialized) and
     describe them as a ``ParallelLayout``; they must be the ranks our layout assumes."""
-    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    deepspeed.init_distributed()  # wraps the process group we initialized
     groups._create_expert_and_data_parallel(ep)
     world, rank = dist.get_world_size(), dist.get_rank()
     ep_group = groups._get_expert_parallel_group(group_name(ep))

@@ -79,7 +79,8 @@ def setup_world(ep: int, num_experts: int, device: torch.device, engine: str = "
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # On GPUs, CPU tensors (step metrics, flags) still travel, over gloo.
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
     if engine == "deepspeed":
         from .deepspeed_engine import deepspeed_layout
 

@@ -9,8 +9,10 @@ import time
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from moe import load_model
+from moe.parallel.state import is_expert_key
 from moe.train.checkpoint import complete_checkpoints
 from tests.parallel.runs import launch, losses, run
 from tests.train.helpers import small_overrides
@@ -39,6 +41,12 @@ def test_checkpoint_from_four_ranks_resumes_on_two_and_on_one(tmp_path):
     run(launch(tmp_path, tmp_path / "ep4", 4, 4, **{**extra, "train.max_steps": 6}))
     saved = tmp_path / "ep4" / "checkpoints" / "step_6"
     assert saved.exists()
+    # Sharded: every expert tensor (weights and moments) was written as 4 slices, one per
+    # EP rank, each from its own rank's file.
+    metadata = FileSystemReader(saved).read_metadata().state_dict_metadata
+    experts = [k for k in metadata if is_expert_key(k) and len(metadata[k].size) > 0]
+    assert experts and all(len(metadata[k].chunks) == 4 for k in experts)
+    assert len(list(saved.glob("__*_0.distcp"))) == 4
     # The expert-parallel checkpoint exports like any other (it holds the full experts).
     transformers = pytest.importorskip("transformers")
     from moe.api import load_tokenizer
