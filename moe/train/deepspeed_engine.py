@@ -75,6 +75,9 @@ class DeepSpeedMoEView(MoE):
 
 
 class DeepSpeedEngine:
+    """The engine interface of ``engine.py`` over ``deepspeed.initialize``: torch AdamW with
+    our parameter groups, split into DeepSpeed's MoE groups, wrapped by ZeRO."""
+
     def __init__(self, model: nn.Module, cfg: RunConfig, world: World, accumulation: int):
         layout = world.layout
         if layout is None:
