@@ -1,13 +1,16 @@
 """parallel.engine=deepspeed against the native engine, checkpoints across the two engines,
-and the DeepSpeed-launcher and accelerate files in launch/ starting 2-process runs."""
+and the DeepSpeed-launcher, accelerate and Slurm files in launch/ running 2-process jobs."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from moe.train.checkpoint import complete_checkpoints
 from moe.train.distributed import free_port
 from tests.parallel.runs import launch, losses, run
 from tests.train.helpers import small_overrides
@@ -142,3 +145,50 @@ def test_deepspeed_skips_a_non_finite_step_in_one_process(tmp_path):
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_slurm_script_checkpoints_on_sigusr1_and_requeues(tmp_path):
+    """launch/slurm.sbatch with stand-ins for srun (runs its command here) and scontrol
+    (one host; records requeues): Slurm's SIGUSR1 to the batch script reaches both
+    trainers through torchrun, they checkpoint and exit 75, and the job is requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\nif [[ $1 == show ]]; then echo localhost; "
+        'else echo "$@" >> "$(dirname "$0")/requeued"; fi\n'
+    )
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "1",
+        "SLURM_GPUS_ON_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "RUN_DIR": str(run_dir),
+    }
+    overrides = small_overrides(
+        tmp_path, **{"train.micro_batch_size": 2, "train.max_steps": 2000, "checkpoint.every": 500}
+    )
+    script = subprocess.Popen(
+        ["bash", "launch/slurm.sbatch", *overrides, "parallel.ep=2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not losses(run_dir) and time.time() < deadline:  # both trainers are stepping
+        time.sleep(0.05)
+    script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 does
+    _, err = script.communicate(timeout=180)
+    assert script.returncode != 0, err[-3000:]
+    assert "SIGUSR1 received: stopped after step" in err, err[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "preempted"
+    step = int(complete_checkpoints(run_dir)[-1].name.split("_")[1])
+    assert 0 < step < 500 and max(losses(run_dir)) == step
+    assert (bin_dir / "requeued").read_text().split() == ["requeue", "4242"]
