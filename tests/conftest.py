@@ -9,7 +9,6 @@ TRAINER_TESTS = [
     "train",
     "sweep",
     "export",
-    "parallel/runs.py",
     "parallel/test_distributed_training.py",
     "parallel/test_engines_and_launchers.py",
 ]
