@@ -8,6 +8,7 @@ from .dispatch_plan import (
     PRIORITIES,
     DispatchPlan,
     count_per_expert,
+    count_per_slot,
     expert_capacity,
     plan_dispatch,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "PRIORITIES",
     "DispatchPlan",
     "count_per_expert",
+    "count_per_slot",
     "expert_capacity",
     "grouped_mm",
     "permute",

@@ -68,6 +68,14 @@ def count_per_expert(ids: Tensor, num_experts: int) -> Tensor:
     return counts_E.scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def count_per_slot(ids_TK: Tensor, num_experts: int) -> Tensor:
+    """``[K, E]``: copies of top-k slot k routed to expert e."""
+    K = ids_TK.shape[1]
+    slots = torch.arange(K, device=ids_TK.device) * num_experts
+    flat = (ids_TK.long() + slots).reshape(-1)
+    return torch.bincount(flat, minlength=K * num_experts).view(K, num_experts)
+
+
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """Rows each expert may take: ``ceil(capacity_factor * T * K / E)``.
 
@@ -84,10 +92,14 @@ def plan_dispatch(
     capacity: int | None = None,
     gates_TK: Tensor | None = None,
     priority: str = "sequence",
+    ahead_KE: Tensor | None = None,
 ) -> DispatchPlan:
     """Group token copies by expert, keeping at most ``capacity`` per expert.
 
     ``capacity=None`` is dropless. ``gates_TK`` is needed for ``priority="gate"``.
+    ``ahead_KE`` (sequence priority): when these tokens are one part of a larger batch, the
+    copies of the other parts that come before this part's copies of slot k to expert e in
+    the (k, t) order; capacity then applies to the whole batch.
     The plan is pure index arithmetic and carries no gradient.
     """
     if priority not in PRIORITIES:
@@ -109,13 +121,20 @@ def plan_dispatch(
     sorted_experts = experts[by_expert]
 
     routed_E = count_per_expert(ids_TK, num_experts)
-    if capacity is not None and capacity < T * K:
+    if ahead_KE is not None and priority != "sequence":
+        raise ValueError("ahead_KE needs priority='sequence'")
+    if capacity is not None and (capacity < T * K or ahead_KE is not None):
         starts_E = torch.cumsum(routed_E, 0) - routed_E
         rank = torch.arange(T * K, device=device) - starts_E[sorted_experts]
+        if ahead_KE is not None:  # rank among all the batch's copies of the expert
+            slot = sorted_copies % K
+            mine_KE = count_per_slot(ids_TK, num_experts)
+            earlier_slots_KE = torch.cumsum(mine_KE, 0) - mine_KE
+            rank = rank - earlier_slots_KE[slot, sorted_experts] + ahead_KE[slot, sorted_experts]
         keep = rank < capacity
         # Boolean indexing syncs with the host; dropless plans never take this branch.
         sorted_copies = sorted_copies[keep]
-        counts_E = routed_E.clamp(max=capacity)
+        counts_E = torch.bincount(sorted_experts[keep], minlength=num_experts)
     else:
         counts_E = routed_E
 

@@ -19,7 +19,8 @@ class MoEConfig:
     d_ff: hidden width of each expert (F).
     capacity_factor: each expert takes at most ``ceil(cf * T * K / E)`` token copies;
         <= 0 is dropless (no copy is ever dropped).
-    capacity_priority: which copies survive a full expert: "sequence" (Switch) or "gate".
+    capacity_priority: which copies survive a full expert: "sequence" (Switch; under
+        expert or data parallelism over all ranks' tokens) or "gate" (each rank's own).
     gate_mode: "switch" uses the router probability of the chosen expert as its gate
         (unnormalized); "renormalize" rescales the top-k probabilities to sum to 1.
     activation: "swiglu" (default), or "relu"/"gelu" as in the Switch paper.

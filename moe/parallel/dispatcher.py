@@ -7,8 +7,13 @@ D model dim, N rows received for the local experts.
 dispatch: plan and permute locally over all E experts (rows grouped by expert, so by
 destination rank), exchange the per-expert counts, send the rows with one variable-split
 all-to-all, and regroup what arrived (ordered by source, then expert) by local expert.
-combine runs the same steps backwards. Capacity, when set, applies per rank to the tokens
-of that rank (as in GShard); dropless routing is independent of the layout.
+combine runs the same steps backwards.
+
+Capacity with "sequence" priority applies to the whole world's micro-batch, as in one
+process: the ranks exchange their per-slot expert counts, and each keeps the copies whose
+place among all ranks' copies of the expert, in (k, t) order with the ranks' tokens in rank
+order, is within capacity. So dropping, like dropless routing, does not depend on the
+layout. "gate" priority would need every rank's gates; it applies per rank (as in GShard).
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe.kernels import DispatchPlan, permute, unpermute
+from moe.kernels import (
+    DispatchPlan,
+    count_per_slot,
+    expert_capacity,
+    permute,
+    plan_dispatch,
+    unpermute,
+)
 from moe.layers import LocalDispatcher
 
 from .all_to_all import all_to_all
@@ -50,6 +62,22 @@ class AllToAllDispatcher(LocalDispatcher):
             raise ValueError(f"parallel.ep={ep} must divide model.moe.num_experts={num_experts}")
         self.ep, self.ep_rank, self.group = ep, ep_rank, group
         self.local_experts = num_experts // ep
+
+    def plan(self, ids_TK: Tensor, gates_TK: Tensor) -> DispatchPlan:
+        if self.capacity_factor <= 0 or self.priority != "sequence":
+            return super().plan(ids_TK, gates_TK)
+        E, K = self.num_experts, ids_TK.shape[1]
+        mine_KE = count_per_slot(ids_TK, E)
+        every_WKE = [torch.empty_like(mine_KE) for _ in range(dist.get_world_size())]
+        dist.all_gather(every_WKE, mine_KE)  # the world's batch, not just the EP group's
+        every_WKE = torch.stack(every_WKE)
+        total_KE = every_WKE.sum(0)
+        earlier_ranks_KE = every_WKE[: dist.get_rank()].sum(0)
+        earlier_slots_KE = torch.cumsum(total_KE, 0) - total_KE
+        tokens = int(total_KE[0].sum())  # every token has one copy in slot 0
+        capacity = expert_capacity(self.capacity_factor, tokens, K, E)
+        ahead_KE = earlier_slots_KE + earlier_ranks_KE
+        return plan_dispatch(ids_TK, E, capacity, gates_TK, "sequence", ahead_KE)
 
     def dispatch(self, x_TD: Tensor, ids_TK: Tensor, gates_TK: Tensor):
         plan = self.plan(ids_TK, gates_TK)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from moe.kernels import expert_capacity, permute, plan_dispatch, unpermute
+from moe.kernels import count_per_slot, expert_capacity, permute, plan_dispatch, unpermute
 from moe.kernels.backends import triton_available
 
 from tests.reference import generator, kept_copies
@@ -54,6 +54,25 @@ def test_plan_matches_reference_capacity_rule(priority, T, K, E, cap):
     assert plan.offsets_E[-1].item() == plan.num_rows == plan.counts_E.sum().item()
     assert (plan.counts_E <= cap).all()
     assert torch.equal(plan.pos_TK.reshape(-1)[plan.row_copy_N], torch.arange(plan.num_rows))
+
+
+@pytest.mark.parametrize("T,K,E,cap,parts", [(40, 2, 4, 9, 4), (33, 3, 5, 7, 3), (12, 1, 3, 2, 2)])
+def test_parts_of_a_batch_keep_what_the_whole_batch_keeps(T, K, E, cap, parts):
+    """Expert parallelism splits a batch over ranks: each part, told how many copies of the
+    other parts come first (``ahead_KE``), keeps exactly its share of the whole batch's."""
+    g = generator(T * 7 + K)
+    ids = random_choices(T, K, E, g)
+    whole = kept_copies(ids, None, E, cap, "sequence")
+    size = T // parts
+    chunks = [ids[i * size : (i + 1) * size] for i in range(parts)]
+    counts = torch.stack([count_per_slot(c, E) for c in chunks])  # [part, K, E]
+    total = counts.sum(0)
+    for i, chunk in enumerate(chunks):
+        ahead = torch.cumsum(total, 0) - total + counts[:i].sum(0)
+        plan = plan_dispatch(chunk, E, cap, priority="sequence", ahead_KE=ahead)
+        expected = {(t - i * size, k) for t, k in whole if i * size <= t < (i + 1) * size}
+        assert kept_from_plan(plan) == expected
+        assert plan.counts_E.sum().item() == len(expected) == plan.num_rows
 
 
 def test_dropless_keeps_everything_and_capacity_formula():

@@ -49,9 +49,13 @@ def train(model, step_fn, shard=slice(None)):
     return losses
 
 
-def single_process():
+def model_config(capacity_factor=0.0):
+    return ModelConfig(**{**CONFIG, "moe": {**CONFIG["moe"], "capacity_factor": capacity_factor}})
+
+
+def single_process(capacity_factor=0.0):
     torch.manual_seed(0)
-    model = MoETransformer(ModelConfig(**CONFIG))
+    model = MoETransformer(model_config(capacity_factor))
 
     def step(loss):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -64,10 +68,10 @@ def _init(rank, world, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def _train_worker(rank, world, ep, store, out):
+def _train_worker(rank, world, ep, store, out, capacity_factor):
     _init(rank, world, store)
     torch.manual_seed(0)
-    model = MoETransformer(ModelConfig(**CONFIG))
+    model = MoETransformer(model_config(capacity_factor))
     layout = ParallelLayout.create(ep)
     parallelize_experts(model, layout)
     share = GLOBAL_BATCH // world
@@ -93,13 +97,22 @@ def _train_worker(rank, world, ep, store, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, ep", [(2, 2), (4, 4), (4, 2)], ids=["ep2", "ep4", "dp2xep2"])
+@pytest.mark.parametrize(
+    "world, ep, capacity_factor",
+    [(2, 2, 0.0), (4, 4, 0.0), (4, 2, 0.0), (4, 2, 1.0)],
+    ids=["ep2", "ep4", "dp2xep2", "dp2xep2_capacity"],
+)
 @on_cpu  # the workers run gloo on the CPU; the reference must live there too
-def test_expert_parallel_training_matches_one_process(tmp_path, world, ep):
+def test_expert_parallel_training_matches_one_process(tmp_path, world, ep, capacity_factor):
     out = tmp_path / "result.pt"
-    mp.spawn(_train_worker, args=(world, ep, str(tmp_path / "store"), str(out)), nprocs=world)
+    args = (world, ep, str(tmp_path / "store"), str(out), capacity_factor)
+    mp.spawn(_train_worker, args=args, nprocs=world)
     result = torch.load(out)
-    losses, state = single_process()
+    losses, state = single_process(capacity_factor)
+    if capacity_factor > 0:  # copies are dropped, and must be the same ones as in one process
+        torch.manual_seed(0)
+        first = MoETransformer(model_config(capacity_factor))(batches()[0][:, :-1])
+        assert all(a.dropped_fraction > 0 for a in first.moe)
     # float32 sums in a different order (per-rank partial sums, all-reduce) drift by a few
     # ulps per step; AdamW's normalised updates keep that at the 1e-5 level over 20 steps.
     torch.testing.assert_close(
@@ -111,10 +124,16 @@ def test_expert_parallel_training_matches_one_process(tmp_path, world, ep):
         )
 
 
-def _dispatch_worker(rank, world, store, out, starve):
+def layer_config(mode):
+    # capacity: 1.0 x 20 tokens x 2 / 4 = 10 per expert, over both ranks' tokens together
+    return MoEConfig(num_experts=4, top_k=2, d_ff=6, capacity_factor=float(mode == "capacity"))
+
+
+def _dispatch_worker(rank, world, store, out, mode):
     _init(rank, world, store)
+    starve = mode == "starve"
     torch.manual_seed(0)
-    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_ff=6)).double()
+    layer = MoELayer(8, layer_config(mode)).double()
     if starve:  # experts 2 and 3 (rank 1's) are never chosen: rank 1 receives no tokens
         with torch.no_grad():
             layer.router.weight_ED[2:] = 0
@@ -151,17 +170,16 @@ def _dispatch_worker(rank, world, store, out, starve):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("starve", [False, True], ids=["random", "rank_without_tokens"])
+@pytest.mark.parametrize("mode", ["random", "starve", "capacity"])
 @on_cpu
-def test_all_to_all_dispatch_matches_local(tmp_path, starve):
-    world = 2
+def test_all_to_all_dispatch_matches_local(tmp_path, mode):
+    """random routing; a rank whose experts get no token; capacity with dropped copies."""
+    world, starve = 2, mode == "starve"
     out = tmp_path / "dispatch.pt"
-    mp.spawn(
-        _dispatch_worker, args=(world, str(tmp_path / "store"), str(out), starve), nprocs=world
-    )
+    mp.spawn(_dispatch_worker, args=(world, str(tmp_path / "store"), str(out), mode), nprocs=world)
     got = torch.load(out)
     torch.manual_seed(0)
-    layer = MoELayer(8, MoEConfig(num_experts=4, top_k=2, d_ff=6)).double()
+    layer = MoELayer(8, layer_config(mode)).double()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(world * 5, 8, dtype=torch.float64, generator=g)
     if starve:
@@ -171,7 +189,10 @@ def test_all_to_all_dispatch_matches_local(tmp_path, starve):
             layer.router.weight_ED[1, 0] = 0.5
         x[:, 0] = x[:, 0].abs() + 1
     x.requires_grad_()
-    y, _ = layer(x)
+    y, aux = layer(x)
+    if mode == "capacity":  # the comparison means something only if copies were dropped
+        assert 0 < aux.dropped_fraction.item() < 1
+        torch.testing.assert_close(got["received"].reshape(-1), aux.kept_E)
     grad = torch.randn(world * 5, 8, dtype=torch.float64, generator=g)
     (y * grad).sum().backward()
     torch.testing.assert_close(got["y"], y.detach())
