@@ -123,8 +123,11 @@ def save_checkpoint(
         write_manifest(tmp, step)
         fsync_tree(tmp)
 
-    phases = [(prepare, writer), (lambda: _dcp_save(state, tmp, distributed), True)]
-    for phase, mine in [*phases, (finish, writer)]:
+    def shards_of_every_rank():
+        _dcp_save(state, tmp, distributed)
+
+    # After each phase every rank learns whether any failed: none waits for a failed one.
+    for phase, mine in [(prepare, writer), (shards_of_every_rank, True), (finish, writer)]:
         error = None
         if mine:
             try:
@@ -166,8 +169,8 @@ def _everyone_ok(ok: bool, distributed: bool) -> bool:
 def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> dict[str, int]:
     """Restore the model (with an ``engine``: also the optimizer moments and the RNG) in
     place; returns ``step`` and ``data_position``. The checkpoint is verified first
-    (manifest, safe metadata). With ``shards`` each rank reads the full expert stacks and
-    keeps its slice, whatever layout wrote them. Optimizer hyperparameters are not read:
+    (manifest, safe metadata). With ``shards`` each rank reads the rows of its expert
+    slice, whatever layout wrote them. Optimizer hyperparameters are not read:
     they come from the resuming run's config."""
     verify_checkpoint(path)
     distributed = shards is not None
