@@ -2,7 +2,7 @@
 
 from .config import ACTIVATIONS, GATE_MODES, MoEConfig
 from .dispatcher import LocalDispatcher
-from .experts import GroupedExperts
+from .experts import GroupedExperts, expert_parameters
 from .ffn import FeedForward
 from .moe_layer import MoEAux, MoELayer
 from .router import Router, RouterOutput
@@ -12,6 +12,7 @@ __all__ = [
     "GATE_MODES",
     "FeedForward",
     "GroupedExperts",
+    "expert_parameters",
     "LocalDispatcher",
     "MoEAux",
     "MoEConfig",

@@ -51,3 +51,8 @@ class GroupedExperts(nn.Module):
         """x_ND: rows grouped by expert; offsets_E: int32 group ends. Returns [N, D]."""
         h_NH = self._grouped_mm(x_ND, self.w_in_EHD, offsets_E)
         return self._grouped_mm(activate(h_NH, self.activation), self.w_out_EDF, offsets_E)
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """``id`` of every expert weight in ``model`` (the parameters of its ``GroupedExperts``)."""
+    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}

@@ -14,14 +14,10 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moe.layers import GroupedExperts, MoELayer
+from moe.layers import MoELayer, expert_parameters
 
 from .dispatcher import AllToAllDispatcher
 from .layout import ParallelLayout
-
-
-def expert_parameters(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
 
 @torch.no_grad()

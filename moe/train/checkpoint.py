@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -36,6 +35,7 @@ from .checkpoint_files import (
     verify_manifest,
     write_manifest,
 )
+from .distributed import World
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = MANIFEST
@@ -87,24 +87,24 @@ def save_checkpoint(
     data_position: int,
     extra_files: dict[str, str],
     keep: int,
-    shards=None,
-    writer: bool = True,
+    world: World | None = None,
 ) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and prune to the newest ``keep``.
 
     ``engine`` (``moe.train.engine``) supplies the model and optimizer state dicts. In a
-    multi-process run every rank calls this: each writes its own expert rows (``shards``, a
-    ``moe.parallel`` ``ExpertShards``, makes them DTensors), and the ``writer`` rank the
-    replicated rest, the extra files and the manifest, then moves the directory into place.
+    multi-process ``world`` every rank calls this: each writes its own expert rows (its
+    ``ExpertShards`` makes them DTensors), and the main rank the replicated rest, the extra
+    files and the manifest, then moves the directory into place.
     On failure (a full disk, say) on any rank, the partial directory is removed, earlier
     checkpoints are untouched, and every rank raises ``CheckpointError``.
     """
     root = run_dir / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
-    distributed = shards is not None
+    world = world or World()
+    shards, writer = world.shards, world.main
     model_sd, optim_sd = engine.state_dicts()
-    if distributed:
+    if shards is not None:
         model_sd, optim_sd = shards.distribute(model_sd, optim_sd)
     state = {
         "model": model_sd,
@@ -124,7 +124,7 @@ def save_checkpoint(
         fsync_tree(tmp)
 
     def shards_of_every_rank():
-        _dcp_save(state, tmp, distributed)
+        _dcp_save(state, tmp, distributed=shards is not None)
 
     # After each phase every rank learns whether any failed: none waits for a failed one.
     for phase, mine in [(prepare, writer), (shards_of_every_rank, True), (finish, writer)]:
@@ -134,7 +134,7 @@ def save_checkpoint(
                 phase()
             except (OSError, CheckpointException) as err:
                 error = err
-        if not _everyone_ok(error is None, distributed):
+        if world.any(error is not None):
             if writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = complete_checkpoints(run_dir)
@@ -147,7 +147,7 @@ def save_checkpoint(
         fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _everyone_ok(True, distributed)  # nobody goes on before the checkpoint is in place
+    world.barrier()  # nobody goes on before the checkpoint is in place
     return final
 
 
@@ -157,29 +157,23 @@ def _dcp_save(state: dict, path: Path, distributed: bool) -> None:
         dcp.save(state, checkpoint_id=path, no_dist=not distributed)
 
 
-def _everyone_ok(ok: bool, distributed: bool) -> bool:
-    """Whether every rank succeeded (collective when ``distributed``)."""
-    if not distributed:
-        return ok
-    failed = torch.tensor([0 if ok else 1])
-    dist.all_reduce(failed)
-    return failed.item() == 0
-
-
-def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> dict[str, int]:
+def load_checkpoint(
+    path: Path, model: nn.Module, engine=None, world: World | None = None
+) -> dict[str, int]:
     """Restore the model (with an ``engine``: also the optimizer moments and the RNG) in
     place; returns ``step`` and ``data_position``. The checkpoint is verified first
-    (manifest, safe metadata). With ``shards`` each rank reads the rows of its expert
-    slice, whatever layout wrote them. Optimizer hyperparameters are not read:
+    (manifest, safe metadata). In a multi-process ``world`` each rank reads the rows of its
+    expert slice, whatever layout wrote them. Optimizer hyperparameters are not read:
     they come from the resuming run's config."""
     verify_checkpoint(path)
+    shards = (world or World()).shards
     distributed = shards is not None
     if engine is None:
         state = {"model": model.state_dict()}
     else:
         model_sd, optim_sd = engine.state_dicts()
         optim_sd = {"state": optim_sd["state"]}
-        if distributed:
+        if shards is not None:
             model_sd, optim_sd = shards.distribute(model_sd, optim_sd)
         state = {
             "model": model_sd,
@@ -193,7 +187,7 @@ def load_checkpoint(path: Path, model: nn.Module, engine=None, shards=None) -> d
     if engine is None:
         model.load_state_dict(state["model"])
         return {}
-    if distributed:
+    if shards is not None:
         state["model"], state["optim"] = shards.localize(state["model"], state["optim"])
     engine.load_state_dicts(state["model"], state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])

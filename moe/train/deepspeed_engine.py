@@ -25,9 +25,8 @@ from deepspeed.utils import groups, safe_get_full_optimizer_state, safe_set_full
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 from torch import nn
 
-from moe.layers import MoELayer
+from moe.layers import MoELayer, expert_parameters
 from moe.parallel import ParallelLayout
-from moe.parallel.apply import expert_parameters
 
 from .config import RunConfig
 from .distributed import World
@@ -145,7 +144,7 @@ class DeepSpeedEngine:
         step = next(iter(self._adam_state().values()))["step"]
         state = {}
         for name, p in self.model.named_parameters():
-            moments = {k: safe_get_full_optimizer_state(p, k).clone() for k in ADAM_MOMENTS}
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_MOMENTS}
             state[name] = {"step": step.clone(), **moments}
         return self.model.state_dict(), {"state": state}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,9 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    @property
+    @cached_property
     def shards(self) -> ExpertShards | None:
+        """One per world: it builds its device mesh (new process groups) on first use."""
         return ExpertShards(self.layout) if self.layout is not None else None
 
     def my_rows(self, indices: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moe.layers import GroupedExperts
+from moe.layers import expert_parameters
 
 from .config import OptimSection
 
@@ -15,9 +15,7 @@ from .config import OptimSection
 def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
     """Three groups: decayed matrices, experts' matrices (own lr scale, decayed), and
     parameters without weight decay (norms, biases, embeddings, router bias-free vectors)."""
-    expert_ids = {
-        id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
-    }
+    expert_ids = expert_parameters(model)
     embedding_ids = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
     }

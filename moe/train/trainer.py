@@ -142,7 +142,7 @@ class Trainer:
             except CheckpointError as err:
                 raise ConfigError(f"resume={choice}: {err}") from None
         self._check_compatible(path)
-        progress = load_checkpoint(path, self.model, self.engine, self.world.shards)
+        progress = load_checkpoint(path, self.model, self.engine, self.world)
         self.step, self.position = progress["step"], progress["data_position"]
         return path
 
@@ -175,8 +175,7 @@ class Trainer:
             self.position,
             files,
             self.cfg.checkpoint.keep,
-            shards=self.world.shards,
-            writer=self.world.main,
+            self.world,
         )
 
     def train_step(self) -> tuple[dict, list[torch.Tensor] | None]:
