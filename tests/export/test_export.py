@@ -15,32 +15,25 @@ from moe.export.prune import prune_experts
 from moe.export.routing import routing_stats
 from moe.export.upcycle import dense_from_hf, upcycle
 from moe.layers import MoEConfig
-from moe.model import ModelConfig, MoETransformer
+from moe.model import MoETransformer
 from moe.train.tokenizer import byte_tokenizer
 from moe.train.trainer import Trainer
 from tests.reference import on_cpu
+from tests.small_model import small_model_config
 from tests.train.helpers import small_config
 
 transformers = pytest.importorskip("transformers")
 
 
-def command(entry: str) -> list[str]:
+def run_cli(entry: str, *args: str) -> subprocess.CompletedProcess:
     """``moe-export`` / ``moe-upcycle`` as a subprocess, whatever is on PATH."""
-    return [sys.executable, "-c", f"from moe.export.cli import {entry}; {entry}()"]
+    cmd = [sys.executable, "-c", f"from moe.export.cli import {entry}; {entry}()", *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def small_model(**kw):
     torch.manual_seed(0)
-    base = dict(
-        vocab_size=256,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=48,
-        moe={"num_experts": 4, "top_k": 2, "d_ff": 24},
-    )
-    return MoETransformer(ModelConfig(**{**base, **kw})).eval()
+    return MoETransformer(small_model_config(**kw)).eval()
 
 
 def rel_err(a, b):
@@ -183,27 +176,19 @@ def test_export_and_upcycle_commands(tmp_path):
     )
     trainer.train()
     trainer.close()
-    up = subprocess.run(
-        [
-            *command("upcycle_main"),
-            f"source={tmp_path / 'dense'}",
-            f"out={tmp_path / 'moe'}",
-            "num_experts=4",
-            "top_k=2",
-        ],
-        capture_output=True,
-        text=True,
+    up = run_cli(
+        "upcycle_main",
+        f"source={tmp_path / 'dense'}",
+        f"out={tmp_path / 'moe'}",
+        "num_experts=4",
+        "top_k=2",
     )
     assert up.returncode == 0, up.stderr[-2000:]
-    out = subprocess.run(
-        [
-            *command("export_main"),
-            f"checkpoint={tmp_path / 'moe'}",
-            f"out={tmp_path / 'hf'}",
-            "format=hf",
-        ],
-        capture_output=True,
-        text=True,
+    out = run_cli(
+        "export_main",
+        f"checkpoint={tmp_path / 'moe'}",
+        f"out={tmp_path / 'hf'}",
+        "format=hf",
     )
     assert out.returncode == 0, out.stderr[-2000:]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
@@ -211,29 +196,21 @@ def test_export_and_upcycle_commands(tmp_path):
     ids = torch.randint(0, 256, (1, 7))
     with torch.no_grad():
         assert rel_err(hf(ids).logits, dense(ids).logits) <= 1e-5
-    pruned = subprocess.run(
-        [
-            *command("export_main"),
-            f"checkpoint={tmp_path / 'moe'}",
-            f"out={tmp_path / 'pruned'}",
-            "format=pruned",
-            "keep=2",
-        ],
-        capture_output=True,
-        text=True,
+    pruned = run_cli(
+        "export_main",
+        f"checkpoint={tmp_path / 'moe'}",
+        f"out={tmp_path / 'pruned'}",
+        "format=pruned",
+        "keep=2",
     )
     assert pruned.returncode == 0, pruned.stderr[-2000:]
     report = json.loads(pruned.stdout.strip().splitlines()[-1])
     assert {"val_loss_before", "val_loss_after", "kept"} <= set(report)
     assert load_model(tmp_path / "pruned").config.moe.num_experts == 2
-    bad = subprocess.run(
-        [
-            *command("export_main"),
-            f"checkpoint={tmp_path / 'dense'}",
-            "out=x",
-            "format=onnx",
-        ],
-        capture_output=True,
-        text=True,
+    bad = run_cli(
+        "export_main",
+        f"checkpoint={tmp_path / 'dense'}",
+        "out=x",
+        "format=onnx",
     )
     assert bad.returncode == 2 and "format must be hf, experts or pruned" in bad.stderr

@@ -1,22 +1,13 @@
 import pytest
 import torch
 
-from moe.model import ModelConfig, MoETransformer
-
-SMALL = dict(
-    vocab_size=50,
-    d_model=32,
-    n_layers=3,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=48,
-    moe={"num_experts": 4, "top_k": 2, "d_ff": 24},
-)
+from moe.model import MoETransformer
+from tests.small_model import small_model_config
 
 
 def model_of(**kw):
     torch.manual_seed(0)
-    return MoETransformer(ModelConfig(**{**SMALL, **kw}))
+    return MoETransformer(small_model_config(vocab_size=50, **kw))
 
 
 def test_causal_and_shapes():

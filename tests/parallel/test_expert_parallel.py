@@ -12,20 +12,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from moe.layers import MoEConfig, MoELayer
-from moe.model import ModelConfig, MoETransformer
+from moe.model import MoETransformer
 from moe.parallel import ParallelLayout, clip_grad_norm_, parallelize_experts, sync_gradients
 from tests.reference import on_cpu
+from tests.small_model import small_model_config
 
 STEPS, GLOBAL_BATCH, SEQ = 20, 8, 16
-CONFIG = dict(
-    vocab_size=64,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=32,
-    moe={"num_experts": 4, "top_k": 2, "d_ff": 16},
-)
 
 
 def batches():
@@ -50,7 +42,8 @@ def train(model, step_fn, shard=slice(None)):
 
 
 def model_config(capacity_factor=0.0):
-    return ModelConfig(**{**CONFIG, "moe": {**CONFIG["moe"], "capacity_factor": capacity_factor}})
+    moe = {"num_experts": 4, "top_k": 2, "d_ff": 16, "capacity_factor": capacity_factor}
+    return small_model_config(vocab_size=64, n_layers=2, d_ff=32, moe=moe)
 
 
 def single_process(capacity_factor=0.0):
