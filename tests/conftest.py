@@ -6,6 +6,7 @@ import torch
 # The trainer's tests need its dependencies (hydra, datasets, ...); an image with only
 # torch/triton/einops (a lent GPU machine) runs the kernel, layer and model tests alone.
 TRAINER_TESTS = [
+    "e2e",
     "train",
     "sweep",
     "export",

@@ -35,6 +35,11 @@ def check_exportable(cfg: ModelConfig) -> None:
             "model.moe.expert_bias=true shifts expert selection, which Qwen3-MoE "
             "cannot express; train with model.moe.expert_bias=false"
         )
+    if cfg.moe_every > 0 and moe.gate_scale != 1.0:
+        problems.append(
+            f"model.moe.gate_scale={moe.gate_scale} scales the routed output, which Qwen3-MoE "
+            "cannot express; train with model.moe.gate_scale=1"
+        )
     if moe.activation != "swiglu":
         problems.append(f"model.moe.activation={moe.activation}: Qwen3-MoE experts are SwiGLU")
     if not cfg.qk_norm:

@@ -8,6 +8,7 @@ from moe.kernels import BACKENDS, PRIORITIES
 
 ACTIVATIONS = ("swiglu", "relu", "gelu")
 GATE_MODES = ("switch", "renormalize")
+BALANCES = ("global", "micro", "sequence")
 
 
 @dataclass
@@ -27,6 +28,14 @@ class MoEConfig:
     jitter: multiplicative noise amplitude on the router input in training (0 = off).
     expert_bias: keep an aux-loss-free balancing bias that shifts expert selection only
         (DeepSeek-V3 style); it is updated by ``Router.update_expert_bias`` outside forward.
+    balance: over which tokens the load-balancing loss ``E * sum_i f_i * P_i`` takes the
+        expert frequencies f_i: "global" (the last optimizer step's global batch, all
+        micro-batches and ranks, passed in by the caller as ``load_E``; the loss and its
+        gradients then do not depend on how the batch is split; without ``load_E`` it acts
+        as "micro"), "micro" (the tokens of this forward, over all data-parallel ranks) or
+        "sequence" (each sequence on its own, averaged; DeepSeek-V3's sequence-wise loss).
+    gate_scale: constant factor on the combine weights (DeepSeek's
+        ``routed_scaling_factor``); 1 keeps Switch's formulation exactly.
     backend: grouped GEMM and dispatch kernels: "auto", "loop", "torch" or "triton".
     """
 
@@ -39,6 +48,8 @@ class MoEConfig:
     activation: str = "swiglu"
     jitter: float = 0.0
     expert_bias: bool = False
+    balance: str = "global"
+    gate_scale: float = 1.0
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -50,11 +61,14 @@ class MoEConfig:
             )
         if self.d_ff < 1:
             raise ValueError(f"d_ff must be >= 1, got {self.d_ff}")
+        if not self.gate_scale > 0:
+            raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
         for name, value, allowed in (
             ("capacity_priority", self.capacity_priority, PRIORITIES),
             ("gate_mode", self.gate_mode, GATE_MODES),
+            ("balance", self.balance, BALANCES),
             ("activation", self.activation, ACTIVATIONS),
             ("backend", self.backend, BACKENDS),
         ):

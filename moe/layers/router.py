@@ -4,7 +4,8 @@ Shape legend: T tokens, D model dim, E experts, K chosen experts per token.
 
 Logits and softmax are float32 whatever the autocast dtype: routing decisions and the
 auxiliary losses are sensitive to rounding. The router returns plain tensors and owns no
-communication; the load-balancing loss here is over the tokens it was given.
+communication; the expert frequencies of the load-balancing loss come from the tokens it
+was given, or (``balance="global"``) from the global counts its caller passes in.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class RouterOutput:
     ids_TK: chosen experts, best first.
     gates_TK: float32 combine weights of those choices.
     aux_loss: load-balancing loss ``E * sum_i f_i * P_i``; f_i is the fraction of token
-        copies assigned to expert i (before any capacity drop), P_i the mean router
-        probability of i. Equals 1 for perfectly uniform routing, whatever K.
+        copies assigned to expert i (before any capacity drop; over which tokens:
+        ``MoEConfig.balance``), P_i the mean router probability of i. Equals 1 for
+        perfectly uniform routing, whatever K.
     z_loss: ``mean_t logsumexp(logits_t)^2``, keeps logits small.
     routed_E: token copies assigned to each expert (int64, no gradient).
     entropy: mean entropy of the routing distribution, in nats (no gradient).
@@ -48,6 +50,8 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.gate_mode = config.gate_mode
+        self.gate_scale = config.gate_scale
+        self.balance = config.balance
         self.jitter = config.jitter
         self.weight_ED = nn.Parameter(torch.empty(config.num_experts, d_model))
         nn.init.normal_(self.weight_ED, std=d_model**-0.5)
@@ -59,7 +63,12 @@ class Router(nn.Module):
         # itself never communicates.
         self.count_reducer = None
 
-    def forward(self, x_TD: Tensor) -> RouterOutput:
+    def forward(
+        self, x_TD: Tensor, seq_len: int | None = None, load_E: Tensor | None = None
+    ) -> RouterOutput:
+        """``seq_len``: tokens per sequence (consecutive rows), for ``balance="sequence"``;
+        ``load_E``: token copies per expert over the last optimizer step's global batch,
+        for ``balance="global"``."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
@@ -73,20 +82,43 @@ class Router(nn.Module):
             gates_TK = probs_TE.gather(1, ids_TK)
             if self.gate_mode == "renormalize":
                 gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+            if self.gate_scale != 1.0:
+                gates_TK = gates_TK * self.gate_scale
 
             T, E = probs_TE.shape
             routed_E = count_per_expert(ids_TK, E)
             if T == 0:
                 zero = logits_TE.sum()  # keeps the graph connected to the router weight
                 return RouterOutput(ids_TK, gates_TK, zero, zero, routed_E, zero.detach())
-            # f_i from every data-parallel rank's tokens when a reducer is set (the loss
-            # then does not depend on the layout); P_i from this rank's (its gradient).
-            global_E = routed_E if self.count_reducer is None else self.count_reducer(routed_E)
-            load_E = global_E.to(probs_TE.dtype) / global_E.sum().clamp_min(1)
-            aux_loss = E * torch.sum(load_E * probs_TE.mean(dim=0))
+            aux_loss = self._balance_loss(probs_TE, ids_TK, routed_E, seq_len, load_E)
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         return RouterOutput(ids_TK, gates_TK, aux_loss, z_loss, routed_E, entropy.detach())
+
+    def _balance_loss(
+        self,
+        probs_TE: Tensor,
+        ids_TK: Tensor,
+        routed_E: Tensor,
+        seq_len: int | None,
+        load_E: Tensor | None,
+    ) -> Tensor:
+        """``E * sum_i f_i * P_i``: f_i the share of token copies routed to expert i (no
+        gradient), P_i the mean router probability of i over this forward's tokens."""
+        T, E = probs_TE.shape
+        if self.balance == "sequence":
+            # Each sequence's own f and P (B sequences of S tokens), averaged over sequences.
+            S = seq_len or T
+            copies_BE = F.one_hot(ids_TK, E).sum(1).unflatten(0, (-1, S)).sum(1)
+            f_BE = copies_BE.to(probs_TE.dtype) / (S * self.top_k)
+            P_BE = probs_TE.unflatten(0, (-1, S)).mean(1)
+            return E * (f_BE * P_BE).sum(-1).mean()
+        if self.balance == "global" and load_E is not None:
+            counts_E = load_E
+        else:  # this forward's tokens, on every data-parallel rank when a reducer is set
+            counts_E = routed_E if self.count_reducer is None else self.count_reducer(routed_E)
+        f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
+        return E * torch.sum(f_E * probs_TE.mean(dim=0))
 
     @torch.no_grad()
     def update_expert_bias(self, routed_E: Tensor, rate: float = 1e-3) -> None:

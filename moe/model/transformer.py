@@ -44,18 +44,20 @@ class Block(nn.Module):
         self.ffn = MoELayer(d, config.moe) if self.is_moe else FeedForward(d, config.d_ff)
         self.checkpoint_ffn = False  # selective activation checkpointing of the MoE FFN
 
-    def _ffn(self, h: Tensor) -> tuple[Tensor, MoEAux | None]:
+    def _ffn(self, h: Tensor, load_E: Tensor | None) -> tuple[Tensor, MoEAux | None]:
         if self.is_moe:
-            return self.ffn(h)
+            return self.ffn(h, load_E)
         return self.ffn(h), None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEAux | None]:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, load_E: Tensor | None = None
+    ) -> tuple[Tensor, MoEAux | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
         if self.checkpoint_ffn and torch.is_grad_enabled():
-            y, aux = checkpoint(self._ffn, h, use_reentrant=False)
+            y, aux = checkpoint(self._ffn, h, load_E, use_reentrant=False)
         else:
-            y, aux = self._ffn(h)
+            y, aux = self._ffn(h, load_E)
         return x + y, aux
 
 
@@ -83,7 +85,11 @@ class MoETransformer(nn.Module):
         for block in self.blocks:
             block.checkpoint_ffn = mode == "moe" and block.is_moe
 
-    def forward(self, input_ids_BS: Tensor) -> ModelOutput:
+    def forward(
+        self, input_ids_BS: Tensor, expert_loads: list[Tensor] | None = None
+    ) -> ModelOutput:
+        """``expert_loads``: per MoE layer, token copies per expert over the last optimizer
+        step's global batch (global load balancing; see ``MoEConfig.balance``)."""
         S = input_ids_BS.shape[1]
         if self.config.max_seq_len < S:
             limit = self.config.max_seq_len
@@ -91,11 +97,13 @@ class MoETransformer(nn.Module):
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x = self.embed(input_ids_BS)
         auxes = []
+        loads = iter(expert_loads or [])
         for block in self.blocks:
+            load_E = next(loads, None) if block.is_moe else None
             if self.checkpointing == "full" and torch.is_grad_enabled():
-                x, aux = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, aux = checkpoint(block, x, cos, sin, load_E, use_reentrant=False)
             else:
-                x, aux = block(x, cos, sin)
+                x, aux = block(x, cos, sin, load_E)
             if aux is not None:
                 auxes.append(aux)
         logits = self.lm_head(self.norm(x))

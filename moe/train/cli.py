@@ -96,7 +96,7 @@ def in_sweep(run_cfg: RunConfig) -> RunConfig:
     sweep = Path(hc.sweep.dir).name
     wandb = dataclasses.replace(
         run_cfg.logger.wandb,
-        group=run_cfg.logger.wandb.group or sweep,
+        group=run_cfg.logger.wandb.group or os.environ.get("WANDB_RUN_GROUP") or sweep,
         name=run_cfg.logger.wandb.name or f"{sweep}-{hc.job.num}",
     )
     return dataclasses.replace(run_cfg, logger=dataclasses.replace(run_cfg.logger, wandb=wandb))
@@ -152,7 +152,10 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(
         a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in args
     ):  # each rank would otherwise stamp its own time into the run directory's name
-        fail("with several processes set hydra.run.dir=... (the same for every rank)")
+        from .distributed import shared_run_dir
+
+        args.append(f"hydra.run.dir={shared_run_dir()}")
+        sys.argv.append(args[-1])
     if not any(a.startswith("-") for a in args):  # flags such as -m, --cfg, --help
         validate_overrides(args)
     hydra_app()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -24,7 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class TrainSection:
     """max_steps: optimizer steps. global_batch_size: sequences per optimizer step, all ranks
-    together. micro_batch_size: sequences per rank per forward (accumulation is derived).
+    together. micro_batch_size: sequences per rank per forward, or ``auto`` (the largest that
+    divides the rank's share and fits; see ``moe/train/micro_batch.py``); accumulation is
+    derived and the losses do not depend on it.
     seq_len: tokens per sequence. deterministic: deterministic kernels and a seeded data order
     (bitwise-reproducible on the CPU). dtype: float32, or bfloat16 autocast.
     checkpointing: activation checkpointing none/full/moe. compile: torch.compile the model.
@@ -38,7 +41,7 @@ class TrainSection:
 
     max_steps: int = 800
     global_batch_size: int = 16
-    micro_batch_size: int = 16
+    micro_batch_size: int | str = "auto"
     seq_len: int = 128
     deterministic: bool = False
     dtype: str = "float32"
@@ -57,7 +60,6 @@ class TrainSection:
         for name in (
             "max_steps",
             "global_batch_size",
-            "micro_batch_size",
             "seq_len",
             "log_every",
             "max_nonfinite_steps",
@@ -65,6 +67,12 @@ class TrainSection:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
+            raise ConfigError(
+                f"train.micro_batch_size must be auto or a number, got {self.micro_batch_size!r}"
+            )
+        if isinstance(self.micro_batch_size, int) and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.checkpointing not in CHECKPOINTING:
@@ -156,21 +164,49 @@ class CheckpointSection:
             raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+# wandb's own older spellings of the modes, as its environment variable may hold them.
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
 @dataclass
 class WandbSection:
-    """mode: offline (default; sync later with ``wandb sync``), online or disabled."""
+    """Weights & Biases. A key left null takes the standard environment variable, then the
+    default: mode <- ``WANDB_MODE``, else offline (sync later with ``wandb sync``); project
+    <- ``WANDB_PROJECT``, else moe-train; entity <- ``WANDB_ENTITY``; group <-
+    ``WANDB_RUN_GROUP``, else (in a sweep) the sweep directory's name; dir <- ``WANDB_DIR``,
+    else the run directory. A key set in the config wins over the environment."""
 
-    mode: str = "offline"
-    project: str = "moe-train"
+    mode: str | None = None
+    project: str | None = None
     entity: str | None = None
     group: str | None = None
     name: str | None = None
+    dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("offline", "online", "disabled"):
+        if self.mode is not None and self.mode not in WANDB_MODES:
             raise ConfigError(
                 f"logger.wandb.mode must be offline, online or disabled, got {self.mode!r}"
             )
+
+    def resolved(self, environ: Mapping[str, str]) -> WandbSection:
+        """Null keys filled from the environment (then the defaults)."""
+        mode = self.mode or environ.get("WANDB_MODE") or "offline"
+        mode = WANDB_MODE_ALIASES.get(mode, mode)
+        if mode not in WANDB_MODES:
+            raise ConfigError(
+                f"WANDB_MODE={mode!r} is not offline, online or disabled; fix the environment "
+                "variable or set logger.wandb.mode"
+            )
+        return WandbSection(
+            mode=mode,
+            project=self.project or environ.get("WANDB_PROJECT") or "moe-train",
+            entity=self.entity or environ.get("WANDB_ENTITY"),
+            group=self.group or environ.get("WANDB_RUN_GROUP"),
+            name=self.name,
+            dir=self.dir or environ.get("WANDB_DIR"),
+        )
 
 
 @dataclass

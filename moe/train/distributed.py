@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
 
 import torch
@@ -98,3 +100,28 @@ def free_port() -> int:
 
 def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
     return parallelize_experts(model, world.layout) if world.layout is not None else model
+
+
+def shared_run_dir(pattern: str = "outputs/%Y-%m-%d/%H-%M-%S") -> str:
+    """Rank 0's time-stamped run directory, handed to every rank of this launch through the
+    launcher's key-value store (before the process group exists), so that ranks started a
+    second apart agree. torchrun and ``accelerate launch`` host that store in their agent;
+    otherwise rank 0 hosts it, shared later with the process group (multi-tenant)."""
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        size,
+        is_master=rank == 0 and not agent,
+        timeout=timedelta(minutes=5),
+        multi_tenant=not agent,
+    )
+    key = "moe-train/run_dir"
+    if rank == 0:
+        store.set(key, time.strftime(pattern))
+    run_dir = store.get(key).decode()
+    store.set(f"{key}/read/{rank}", "1")
+    if rank == 0:  # a rank-0 store must outlive every other rank's read
+        store.wait([f"{key}/read/{r}" for r in range(size)])
+    return run_dir

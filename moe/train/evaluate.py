@@ -3,6 +3,7 @@ checkpoint's validation loss, computed exactly as the trainer does, as one JSON 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -14,6 +15,7 @@ from moe.train.checkpoint import CheckpointError, read_config
 
 from .config import ConfigError, RunConfig
 from .data import build_data
+from .micro_batch import resolve_micro_batch
 from .trainer import evaluate, pick_device
 
 
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
             stored, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()])
         )
         cfg = RunConfig.from_dict(OmegaConf.to_container(merged))
+        if cfg.train.micro_batch_size == "auto":  # stored configs hold the number used
+            t = cfg.train
+            micro = resolve_micro_batch("auto", t.global_batch_size, 1, t.seq_len)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=micro))
         device = pick_device(cfg.device)
         model = load_model(path, device)
         data = build_data(cfg.data, cfg.train.seq_len, tokenizer=load_tokenizer(path))

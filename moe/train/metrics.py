@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
+        wandb_cfg = wandb_cfg.resolved(os.environ)
         if enabled and wandb_cfg.mode != "disabled":
             import wandb
 
@@ -29,7 +31,7 @@ class MetricsLog:
                 group=wandb_cfg.group,
                 name=wandb_cfg.name or run_dir.name,
                 mode=wandb_cfg.mode,
-                dir=str(run_dir),
+                dir=wandb_cfg.dir or str(run_dir),
                 config=config,
                 reinit="finish_previous",
             )

@@ -2,7 +2,7 @@
 
 Loss = LM cross-entropy + ``aux_loss_coef`` x (sum of MoE layers' load-balancing losses)
 + ``z_loss_coef`` x (sum of router z-losses). Gradient accumulation is derived:
-``global_batch_size / micro_batch_size`` micro-batches per optimizer step.
+``global_batch_size / (micro_batch_size x processes)`` micro-batches per optimizer step.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ from .distributed import World, setup_world, shard_model
 from .engine import build_engine
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
 from .metrics import MetricsLog, truncate_metrics
+from .micro_batch import GPU_TOKEN_BUDGET, rank_share, resolve_micro_batch
 from .optim import learning_rate, set_learning_rate
+
+BALANCE_FILE = "expert_loads.json"  # the last step's global expert loads, for resume
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,9 +59,9 @@ def autocast(cfg: RunConfig, device: torch.device):
     return nullcontext()
 
 
-def lm_loss(model: MoETransformer, inputs, targets, cfg: RunConfig, device):
+def lm_loss(model: MoETransformer, inputs, targets, cfg: RunConfig, device, expert_loads=None):
     with autocast(cfg, device):
-        out = model(inputs.to(device))
+        out = model(inputs.to(device), expert_loads)
     ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(device).flatten())
     return ce, out
 
@@ -96,13 +99,7 @@ class Trainer:
             cfg.parallel.ep, cfg.model.moe.num_experts, self.device, cfg.parallel.engine
         )
         t = cfg.train
-        per_step = t.micro_batch_size * self.world.size  # sequences per global micro-batch
-        if t.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({t.micro_batch_size}) x processes ({self.world.size})"
-            )
-        self.accumulation = t.global_batch_size // per_step
+        rank_share(t.global_batch_size, self.world.size)  # fail before the data is built
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
@@ -114,9 +111,20 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
         self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
         self.model.set_checkpointing(t.checkpointing)
+        micro = self._micro_batch()
+        self.cfg = cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(t, micro_batch_size=micro)
+        )
+        t = cfg.train
+        self.accumulation = t.global_batch_size // (micro * self.world.size)
         self.engine = build_engine(self.model, cfg, self.world, self.accumulation)
         self.sampler = Sampler(self.data.train.count, cfg.seed)
         self.step, self.position = 0, 0
+        # Global load balancing takes the expert frequencies of the last optimizer step's
+        # global batch (known before any micro-batch of this step runs, so the objective
+        # does not depend on the split); the first step balances against uniform loads.
+        moe_layers = sum(block.is_moe for block in self.model.blocks)
+        self.step_loads = [torch.ones(cfg.model.moe.num_experts)] * moe_layers
         self.resumed_from = self._resume()
         if self.resumed_from is not None and self.world.main:  # those steps run again
             truncate_metrics(run_dir, self.step)
@@ -126,6 +134,36 @@ class Trainer:
         self.metrics = MetricsLog(
             run_dir, cfg.logger.wandb, dataclasses.asdict(cfg), enabled=self.world.main
         )
+
+    def _micro_batch(self) -> int:
+        """``train.micro_batch_size`` resolved (``auto``: see ``micro_batch.py``)."""
+        t, world = self.cfg.train, self.world
+        if self.device.type != "cuda":
+            return resolve_micro_batch(
+                t.micro_batch_size, t.global_batch_size, world.size, t.seq_len
+            )
+        if world.size > 1:
+            return resolve_micro_batch(
+                t.micro_batch_size, t.global_batch_size, world.size, t.seq_len, GPU_TOKEN_BUDGET
+            )
+        return resolve_micro_batch(
+            t.micro_batch_size, t.global_batch_size, 1, t.seq_len, fits=self._fits
+        )
+
+    def _fits(self, sequences: int) -> bool:
+        """Trial forward and backward of ``sequences`` training sequences; leaves the
+        weights, gradients and random state as they were."""
+        batch = self.data.train.batch(torch.arange(sequences) % self.data.train.count)
+        try:
+            with torch.random.fork_rng(devices=[self.device]):
+                ce, out = lm_loss(self.model, *batch, self.cfg, self.device)
+                (ce + out.aux_loss + out.z_loss).backward()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
 
     def _resume(self) -> Path | None:
         choice = self.cfg.resume
@@ -143,6 +181,9 @@ class Trainer:
                 raise ConfigError(f"resume={choice}: {err}") from None
         self._check_compatible(path)
         progress = load_checkpoint(path, self.model, self.engine, self.world)
+        if (path / BALANCE_FILE).exists():  # checkpoints before global balancing lack it
+            loads = json.loads((path / BALANCE_FILE).read_text())
+            self.step_loads = [torch.tensor(load) for load in loads]
         self.step, self.position = progress["step"], progress["data_position"]
         return path
 
@@ -167,6 +208,7 @@ class Trainer:
         files = {
             "config.json": json.dumps(dataclasses.asdict(self.cfg), indent=1),
             "tokenizer.json": self.data.tokenizer.to_str(),
+            BALANCE_FILE: json.dumps([load.tolist() for load in self.step_loads]),
         }
         return save_checkpoint(
             self.run_dir,
@@ -194,10 +236,11 @@ class Trainer:
             "router_entropy": 0.0,
         }
         loads = None
+        step_loads = [load.to(self.device) for load in self.step_loads]
         for micro in indices.split(t.micro_batch_size * self.world.size):
             mine = self.world.my_rows(micro)
             batch = self.data.train.batch(mine)
-            ce, out = lm_loss(self.engine.forward_model, *batch, cfg, self.device)
+            ce, out = lm_loss(self.engine.forward_model, *batch, cfg, self.device, step_loads)
             loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
             self.engine.backward(loss)
             sums["loss"] += loss.item()
@@ -222,6 +265,8 @@ class Trainer:
             dist.all_reduce(stacked)
             loads = list(stacked)
         grad_norm, updated = self.engine.step(self.nonfinite, sums["loss"], self.step + 1)
+        if loads is not None:
+            self.step_loads = loads
         if updated and loads is not None:
             self._update_expert_biases(loads)
         self.step += 1
@@ -260,6 +305,12 @@ class Trainer:
         counts = self.model.parameter_counts()
         tokens_per_step = t.global_batch_size * t.seq_len
         flops_per_token = self.model.flops_per_token(t.seq_len)
+        if self.world.main:
+            tqdm.write(
+                f"moe-train: {self.world.size} process(es), parallel.ep={cfg.parallel.ep}, "
+                f"micro-batch {t.micro_batch_size} per rank x {self.accumulation} accumulation "
+                f"= global batch {t.global_batch_size}; run dir {self.run_dir}"
+            )
         first_val = None
         if self.resumed_from is None:  # a resumed run already logged its earlier evaluations
             first_val = evaluate(self.model, self.data.val, cfg, self.device, self.world)
@@ -317,6 +368,8 @@ class Trainer:
             "val_loss": last_val,
             "tokens_per_s": steps_done * tokens_per_step / elapsed if steps_done else None,
             "skipped_steps": self.nonfinite.skipped,
+            "micro_batch_size": t.micro_batch_size,
+            "accumulation": self.accumulation,
             "params_total": counts["total"],
             "params_active": counts["active"],
             "flops_per_token": flops_per_token,

@@ -117,8 +117,8 @@ from moe.train.metrics import read_metrics
 from tests.train.helpers import small_config
 
 real, calls = trainer_module.lm_loss, {"n": 0}
-def nan_at_step_3(model, inputs, targets, cfg, device):
-    ce, out = real(model, inputs, targets, cfg, device)
+def nan_at_step_3(model, inputs, targets, cfg, device, *rest):
+    ce, out = real(model, inputs, targets, cfg, device, *rest)
     if model.training:
         calls["n"] += 1  # two micro-batches per step: calls 5 and 6 are step 3
         if calls["n"] in (5, 6):

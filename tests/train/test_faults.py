@@ -137,8 +137,8 @@ def test_injected_nan_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch
     real = trainer_module.lm_loss
     calls = {"n": 0}
 
-    def nan_on_third_step(model, inputs, targets, cfg, device):
-        ce, out = real(model, inputs, targets, cfg, device)
+    def nan_on_third_step(model, inputs, targets, cfg, device, *rest):
+        ce, out = real(model, inputs, targets, cfg, device, *rest)
         if not model.training:  # evaluation passes are not training steps
             return ce, out
         calls["n"] += 1  # two micro-batches per step: calls 5 and 6 are step 3
@@ -153,8 +153,8 @@ def test_injected_nan_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch
     assert steps[2]["skipped_steps"] == 0 and steps[3]["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
-    def always_nan(model, inputs, targets, cfg, device):
-        ce, out = real(model, inputs, targets, cfg, device)
+    def always_nan(model, inputs, targets, cfg, device, *rest):
+        ce, out = real(model, inputs, targets, cfg, device, *rest)
         return ce * float("nan"), out
 
     monkeypatch.setattr(trainer_module, "lm_loss", always_nan)

@@ -1,0 +1,214 @@
+"""Every shell command of README.md, run as a user runs it, so the docs cannot drift.
+
+The commands are read from the README's fenced ``bash`` blocks. ``PLAN`` says, for each,
+how this CPU machine runs it:
+- ``Run``: as written, in bash, in one shared workspace (so later commands use earlier
+  ones' outputs: eval, export, upcycle, report), with the small-run overrides ``SMALL``
+  appended (4 steps; sweeps narrowed to two jobs or two trials);
+- ``StandIn``: what runs instead, and why (2 CPU processes for 4 or 8 GPUs, one host for
+  several nodes);
+- ``NotRun``: why it cannot run here and which test covers the same path.
+A README command missing from ``PLAN`` (or a ``PLAN`` entry missing from the README) fails
+``test_every_readme_command_is_planned``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from moe.train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = "train.max_steps=4 eval.every=2 eval.batches=1 checkpoint.every=2 logger.progress_bar=false"
+TWO_JOBS = "optim.lr=1e-3,3e-3 train.aux_loss_coef=0.01"  # narrows a 9-job sweep
+
+
+@dataclass
+class Run:
+    append: str = SMALL
+
+
+@dataclass
+class StandIn:
+    command: str
+    why: str
+
+
+@dataclass
+class NotRun:
+    why: str
+
+
+INSTALLED = "the install is .ci/run's first step; this suite runs in the environment it made"
+PLAN = {
+    'pip install -e ".[dev]" && moe-train': StandIn(f"moe-train {SMALL}", INSTALLED),
+    'pip install -e ".[dev]" && python -m pytest -q': NotRun(f"this suite itself; {INSTALLED}"),
+    "moe-train": Run(),
+    "moe-train model=tiny_dense hydra.run.dir=runs/dense": Run(),
+    "moe-train model.moe.num_experts=16 model.moe.top_k=2 train.max_steps=2000": Run(),
+    "moe-train data.path='my_texts/*.jsonl' data.text_field=content data.tokenizer=bpe": Run(),
+    "moe-train train.dtype=bfloat16 train.checkpointing=moe": Run(),
+    "moe-train hydra.run.dir=runs/a resume=auto": Run(),
+    "moe-train -m +experiment=moe_vs_dense": Run(),
+    "moe-eval checkpoint=runs/a": Run(append=""),
+    "torchrun --standalone --nproc_per_node=2 -m moe.train parallel.ep=2": Run(),
+    "torchrun --standalone --nproc_per_node=4 -m moe.train parallel.ep=4 hydra.run.dir=runs/ep4": (
+        StandIn(
+            "torchrun --standalone --nproc_per_node=2 -m moe.train parallel.ep=2 "
+            f"hydra.run.dir=runs/ep4 {SMALL}",
+            "2 CPU cores: 2 processes with EP=2 (EP=4 is tested in tests/parallel)",
+        )
+    ),
+    "torchrun --standalone --nproc_per_node=4 -m moe.train parallel.ep=2 "
+    "hydra.run.dir=runs/dp2ep2": (
+        StandIn(
+            "torchrun --standalone --nproc_per_node=2 -m moe.train parallel.ep=1 "
+            f"hydra.run.dir=runs/dp2ep2 {SMALL}",
+            "2 CPU cores: data parallel over 2 processes (DP2 x EP2 is tested in tests/parallel)",
+        )
+    ),
+    "bash launch/torchrun_single_node.sh 8 parallel.ep=8 model=gpu_1b train.dtype=bfloat16": (
+        StandIn(
+            f"bash launch/torchrun_single_node.sh 2 parallel.ep=2 train.dtype=bfloat16 {SMALL}",
+            "8 GPUs and the 1B preset: 2 CPU processes with the tiny model",
+        )
+    ),
+    "accelerate launch --config_file launch/accelerate.yaml --num_processes 2 -m moe.train "
+    "parallel.ep=2": Run(),
+    "accelerate launch --config_file launch/accelerate.yaml -m moe.train parallel.ep=8 "
+    "hydra.run.dir=runs/acc": StandIn(
+        "accelerate launch --config_file launch/accelerate.yaml --num_processes 2 -m moe.train "
+        f"parallel.ep=2 hydra.run.dir=runs/acc {SMALL}",
+        "the file's 8 processes are GPUs: 2 CPU processes",
+    ),
+    "MASTER_ADDR=node0 NNODES=4 RUN_DIR=/shared/runs/a bash launch/torchrun_multi_node.sh 8 "
+    "parallel.ep=8": StandIn(
+        "MASTER_ADDR=127.0.0.1 NNODES=1 RUN_DIR=runs/multi_node "
+        f"bash launch/torchrun_multi_node.sh 2 parallel.ep=2 {SMALL}",
+        "several nodes: the same script as one node of 2 processes (c10d rendezvous)",
+    ),
+    "sbatch --nodes=4 launch/slurm.sbatch parallel.ep=8 model=gpu_1b": NotRun(
+        "needs Slurm; launch/slurm.sbatch runs with srun/scontrol stand-ins in "
+        "tests/parallel/test_engines_and_launchers.py (preemption and requeue)"
+    ),
+    "RUN_DIR=/shared/runs/a bash launch/deepspeed.sh launch/hostfile parallel.ep=8": StandIn(
+        f"RUN_DIR=runs/ds_ssh bash launch/deepspeed.sh my_hostfile parallel.ep=2 {SMALL}",
+        "node0/node1 over ssh: a one-host hostfile (localhost slots=2)",
+    ),
+    "NODE_RANK=0 MASTER_ADDR=node0 RUN_DIR=/shared/runs/a bash launch/deepspeed.sh "
+    "launch/hostfile parallel.ep=8": NotRun(
+        "several nodes; the same per-node path (NODE_RANK, no ssh) runs with a one-host "
+        "hostfile in tests/parallel/test_engines_and_launchers.py"
+    ),
+    "RUN_DIR=runs/ds bash launch/deepspeed.sh my_hostfile parallel.ep=2": Run(),
+    "moe-train -m model.moe.num_experts=8,16,32 optim.lr=1e-3,3e-3": Run(),
+    "moe-train -m +sweep=equal_active_experts": Run(),
+    "moe-train -m +sweep=optuna_lr_aux hydra.sweeper.n_trials=20": Run(
+        append=f"{SMALL} hydra.sweeper.n_trials=2"
+    ),
+    "moe-train -m +launcher=local +sweep=lr_aux": Run(append=f"{SMALL} {TWO_JOBS}"),
+    "moe-train -m +launcher=slurm +sweep=lr_aux hydra.launcher.partition=gpu": NotRun(
+        "needs a Slurm cluster (submitit submits with sbatch); the same sweep runs with "
+        "+launcher=local above"
+    ),
+    "moe-train -m +sweep=lr_aux hydra.sweep.dir=multirun/lr resume=auto": Run(
+        append=f"{SMALL} {TWO_JOBS}"
+    ),
+    "moe-sweep-report multirun/lr": Run(append=""),
+    "moe-export checkpoint=runs/a out=hf_model format=hf": Run(append=""),
+    "moe-export checkpoint=runs/a out=experts format=experts layers=[0,2] experts=[1,5]": Run(
+        append=""
+    ),
+    "moe-export checkpoint=runs/a out=pruned format=pruned keep=4": Run(append=""),
+    "moe-upcycle source=runs/dense out=runs/upcycled num_experts=8 top_k=2": Run(append=""),
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """Each command of the fenced bash blocks, comments and line continuations removed."""
+    commands = []
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s+)#(\s.*)?$", "", line).strip()
+            line = re.sub(r"\s+", " ", line)
+            if line and line not in commands:
+                commands.append(line)
+    return commands
+
+
+COMMANDS = readme_commands((REPO / "README.md").read_text())
+
+
+def test_every_readme_command_is_planned():
+    assert [c for c in COMMANDS if c not in PLAN] == [], "add these README commands to PLAN"
+    assert [c for c in PLAN if c not in COMMANDS] == [], "PLAN lists commands the README lost"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The user's working directory: the repository's launch files and a few inputs the
+    README's commands name (texts for data.path, a one-host DeepSpeed hostfile)."""
+    root = tmp_path_factory.mktemp("readme")
+    (root / "launch").symlink_to(REPO / "launch")
+    texts = root / "my_texts"
+    texts.mkdir()
+    for i in range(2):
+        rows = [
+            {"content": f"document {i}.{j}: the router sends tokens to experts " * 8}
+            for j in range(40)
+        ]
+        (texts / f"part{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "my_hostfile").write_text("localhost slots=2\n")
+    return root
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "WANDB_MODE": "disabled",  # honoured (config keys left null); keeps the runs light
+        "PYTHONPATH": "",
+    }
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command(command, workspace):
+    action = PLAN.get(command)
+    if action is None:
+        pytest.fail("not in PLAN (see test_every_readme_command_is_planned)")
+    if isinstance(action, NotRun):
+        pytest.skip(action.why)
+    line = action.command if isinstance(action, StandIn) else f"{command} {action.append}"
+    out = shell(line, workspace)
+    assert out.returncode == 0, f"{line}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    check_outputs(line, workspace, out.stdout)
+
+
+def check_outputs(command: str, root: Path, stdout: str) -> None:
+    """What the command that ran promises to leave behind, where it names it."""
+    if "hydra.run.dir=runs/a" in command:
+        assert (root / "runs/a/summary.json").exists()
+        assert [r for r in read_metrics(root / "runs/a") if r.get("split") == "val"]
+    if command.startswith("moe-eval"):
+        assert "loss" in json.loads(stdout.strip().splitlines()[-1])
+    if command.startswith("moe-sweep-report"):
+        for name in ("report.csv", "report.md", "report.png"):
+            assert (root / "multirun/lr" / name).stat().st_size > 0
+    if "format=hf" in command:
+        assert (root / "hf_model/config.json").exists()
+    if "out=runs/upcycled" in command:
+        assert list((root / "runs/upcycled").rglob("complete.json"))
+    for run_dir in re.findall(r"RUN_DIR=(runs/\w+)", command):
+        assert (root / run_dir / "summary.json").exists()
