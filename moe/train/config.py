@@ -47,7 +47,7 @@ class TrainSection:
     dtype: str = "float32"
     checkpointing: str = "none"
     compile: bool = False
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = 0.001
     z_loss_coef: float = 0.001
     grad_clip: float = 1.0
     log_every: int = 10

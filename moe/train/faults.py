@@ -85,6 +85,8 @@ class CollapseDetector:
     def update(self, loads: list[torch.Tensor], tokens: int, step: int) -> list[str]:
         messages = []
         for layer, load in enumerate(loads):
+            if len(load) < 2:  # a single expert takes every token by design
+                continue
             share = load.max().item() / max(tokens, 1)
             self.streaks[layer] = self.streaks.get(layer, 0) + 1 if share > self.threshold else 0
             if self.streaks[layer] >= self.patience and layer not in self.warned:
