@@ -10,6 +10,9 @@ an all-to-all dispatcher without the layer importing ``torch.distributed``:
   expert, with the group ends the grouped GEMM needs, and an opaque handle for combine.
 - ``combine(y_ND, gates_TK, handle) -> y_TD``: expert outputs weighted by their gates and
   summed per token.
+- ``routing_counts(handle) -> (kept_E, routed_E)``: token copies each of all E experts
+  processed and was assigned before capacity, over every rank's tokens of this forward
+  (the statistics of the layer, the same whatever the layout).
 """
 
 from __future__ import annotations
@@ -49,3 +52,6 @@ class LocalDispatcher:
 
     def combine(self, y_ND: Tensor, gates_TK: Tensor, plan: DispatchPlan) -> Tensor:
         return unpermute(y_ND, gates_TK, plan, self.backend)
+
+    def routing_counts(self, plan: DispatchPlan) -> tuple[Tensor, Tensor]:
+        return plan.counts_E, plan.routed_E

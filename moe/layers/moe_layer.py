@@ -22,9 +22,11 @@ class MoEAux:
     """Auxiliary losses (with gradient) and routing statistics (without) of one forward.
 
     aux_loss, z_loss: see ``RouterOutput``; scale them by their coefficients in the loss.
-    routed_E: token copies assigned to each expert before capacity.
-    kept_E: token copies each expert actually processed.
-    dropped_fraction: share of token copies dropped by capacity (0 when dropless).
+    routed_E: token copies of this process's tokens assigned to each expert before capacity.
+    kept_E: token copies each of all E experts processed, over every process's tokens
+        (under expert/data parallelism the world's micro-batch: the same on every rank and
+        the same as one process on that micro-batch).
+    dropped_fraction: share of those token copies dropped by capacity (0 when dropless).
     entropy: mean routing entropy (nats).
     """
 
@@ -62,9 +64,8 @@ class MoELayer(nn.Module):
         x_ND, offsets_E, handle = self.dispatcher.dispatch(x_TD, route.ids_TK, route.gates_TK)
         y_ND = self.experts(x_ND, offsets_E)
         y_TD = self.dispatcher.combine(y_ND, route.gates_TK, handle)
-        kept_E = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1))
-        copies = route.ids_TK.numel()
-        dropped = 1.0 - kept_E.sum() / copies if copies else kept_E.new_zeros((), dtype=torch.float)
+        kept_E, routed_E = self.dispatcher.routing_counts(handle)
+        dropped = (routed_E.sum() - kept_E.sum()) / routed_E.sum().clamp_min(1)
         aux = MoEAux(
             aux_loss=route.aux_loss,
             z_loss=route.z_loss,

@@ -100,6 +100,14 @@ class AllToAllDispatcher(LocalDispatcher):
         handle = EPHandle(plan, send_splits, recv_splits, regroup, restore)
         return received.index_select(0, regroup), offsets_L, handle
 
+    def routing_counts(self, handle: EPHandle) -> tuple[Tensor, Tensor]:
+        """Kept and routed copies per expert of every rank's tokens (the world's
+        micro-batch), not the rows this rank received for its own experts."""
+        plan = handle.plan
+        counts_2E = torch.stack([plan.counts_E, plan.routed_E])
+        dist.all_reduce(counts_2E)
+        return counts_2E[0], counts_2E[1]
+
     def combine(self, y_ND: Tensor, gates_TK: Tensor, handle: EPHandle) -> Tensor:
         back = all_to_all(
             y_ND.index_select(0, handle.restore), handle.send_splits, handle.recv_splits, self.group

@@ -154,20 +154,24 @@ def _dispatch_worker(rank, world, store, out, mode):
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t)
         gathered[f"expert{i}"] = torch.cat(parts)
-    parts = [torch.empty_like(aux.kept_E) for _ in range(world)]
-    dist.all_gather(parts, aux.kept_E)  # rows each rank's experts received
-    gathered["received"] = torch.stack(parts)
+    for name, t in [("kept", aux.kept_E), ("dropped", aux.dropped_fraction.reshape(1))]:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)  # what every rank reports
+        gathered[name] = torch.stack(parts)
     if rank == 0:
         torch.save(gathered, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["random", "starve", "capacity"])
+@pytest.mark.parametrize(
+    "mode, world", [("random", 2), ("starve", 2), ("capacity", 2), ("capacity", 4)]
+)
 @on_cpu
-def test_all_to_all_dispatch_matches_local(tmp_path, mode):
-    """random routing; a rank whose experts get no token; capacity with dropped copies."""
-    world, starve = 2, mode == "starve"
+def test_all_to_all_dispatch_matches_local(tmp_path, mode, world):
+    """random routing; a rank whose experts get no token; capacity with dropped copies.
+    Every rank reports the routing statistics of one process on the whole batch."""
+    starve = mode == "starve"
     out = tmp_path / "dispatch.pt"
     mp.spawn(_dispatch_worker, args=(world, str(tmp_path / "store"), str(out), mode), nprocs=world)
     got = torch.load(out)
@@ -185,7 +189,8 @@ def test_all_to_all_dispatch_matches_local(tmp_path, mode):
     y, aux = layer(x)
     if mode == "capacity":  # the comparison means something only if copies were dropped
         assert 0 < aux.dropped_fraction.item() < 1
-        torch.testing.assert_close(got["received"].reshape(-1), aux.kept_E)
+    torch.testing.assert_close(got["kept"], aux.kept_E.expand(world, -1))
+    torch.testing.assert_close(got["dropped"], aux.dropped_fraction.expand(world, 1))
     grad = torch.randn(world * 5, 8, dtype=torch.float64, generator=g)
     (y * grad).sum().backward()
     torch.testing.assert_close(got["y"], y.detach())
@@ -193,5 +198,5 @@ def test_all_to_all_dispatch_matches_local(tmp_path, mode):
     torch.testing.assert_close(got["router"], layer.router.weight_ED.grad)
     torch.testing.assert_close(got["expert0"], layer.experts.w_in_EHD.grad)
     torch.testing.assert_close(got["expert1"], layer.experts.w_out_EDF.grad)
-    if starve:
-        assert got["received"][1].sum() == 0 and got["received"][0].sum() == world * 5 * 2
+    if starve:  # rank 1's experts (2 and 3) received nothing
+        assert aux.kept_E[2:].sum() == 0 and aux.kept_E[:2].sum() == world * 5 * 2
