@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
