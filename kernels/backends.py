@@ -1,12 +1,12 @@
 """Interchangeable implementations of the two grouped-GEMM primitives.
 
-Shape legend: N rows in expert order, E experts, K inner dim, P output dim.
+Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
 Every backend provides:
-- ``gmm(x_NK, w_EKP, offsets_E) -> y_NP``: ``y[g] = x[g] @ w[e]`` for each group g of
+- ``gmm(x_NI, w_EIO, offsets_E) -> y_NO``: ``y[g] = x[g] @ w[e]`` for each group g of
   rows ``offsets[e-1]:offsets[e]``; ``w`` may be a transposed view.
   Invariant: ``offsets[-1] == N`` (every row belongs to a group; dispatch guarantees it).
-- ``gmm_wgrad(x_NK, dy_NP, offsets_E) -> dw_EKP``: ``dw[e] = x[g].T @ dy[g]``; an empty
+- ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``dw[e] = x[g].T @ dy[g]``; an empty
   group gets zeros.
 
 Names: ``loop`` (per-expert ``mm``, the reference), ``torch``
@@ -40,10 +40,10 @@ _CUDA_FLOAT32_GROUPED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2
 ROW_QUANTUM = 64
 
 
-def _group_pieces(x_NK: Tensor, offsets_E: Tensor) -> list[list[tuple[int, int]]]:
+def _group_pieces(x_NI: Tensor, offsets_E: Tensor) -> list[list[tuple[int, int]]]:
     """Row ranges per expert: the group itself, or its bulk and remainder (see above)."""
     bounds = [0, *offsets_E.tolist()]
-    split = x_NK.device.type == "cpu" and x_NK.dtype in (torch.bfloat16, torch.float16)
+    split = x_NI.device.type == "cpu" and x_NI.dtype in (torch.bfloat16, torch.float16)
     pieces = []
     for lo, hi in itertools.pairwise(bounds):
         mid = lo + (hi - lo) // ROW_QUANTUM * ROW_QUANTUM if split else hi
@@ -51,62 +51,62 @@ def _group_pieces(x_NK: Tensor, offsets_E: Tensor) -> list[list[tuple[int, int]]
     return pieces
 
 
-def loop_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
-    y_NP = x_NK.new_empty(x_NK.shape[0], w_EKP.shape[2])
-    for e, rows in enumerate(_group_pieces(x_NK, offsets_E)):
+def loop_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+    for e, rows in enumerate(_group_pieces(x_NI, offsets_E)):
         for lo, hi in rows:
-            torch.mm(x_NK[lo:hi], w_EKP[e], out=y_NP[lo:hi])
-    return y_NP
+            torch.mm(x_NI[lo:hi], w_EIO[e], out=y_NO[lo:hi])
+    return y_NO
 
 
-def loop_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
+def loop_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
     E = offsets_E.shape[0]
-    dw_EKP = x_NK.new_empty(E, x_NK.shape[1], dy_NP.shape[1])
-    for e, rows in enumerate(_group_pieces(x_NK, offsets_E)):
+    dw_EIO = x_NI.new_empty(E, x_NI.shape[1], dy_NO.shape[1])
+    for e, rows in enumerate(_group_pieces(x_NI, offsets_E)):
         if not rows:
-            dw_EKP[e].zero_()
+            dw_EIO[e].zero_()
         for i, (lo, hi) in enumerate(rows):
             if i == 0:
-                torch.mm(x_NK[lo:hi].t(), dy_NP[lo:hi], out=dw_EKP[e])
+                torch.mm(x_NI[lo:hi].t(), dy_NO[lo:hi], out=dw_EIO[e])
             else:
-                dw_EKP[e].addmm_(x_NK[lo:hi].t(), dy_NP[lo:hi])
-    return dw_EKP
+                dw_EIO[e].addmm_(x_NI[lo:hi].t(), dy_NO[lo:hi])
+    return dw_EIO
 
 
-def torch_gmm_supports(x_NK: Tensor, w_EKP: Tensor) -> bool:
+def torch_gmm_supports(x_NI: Tensor, w_EIO: Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` takes these operands on this build."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if x_NK.dtype not in (torch.float32, torch.bfloat16):
+    if x_NI.dtype not in (torch.float32, torch.bfloat16):
         return False
-    if x_NK.is_cuda and x_NK.dtype == torch.float32 and not _CUDA_FLOAT32_GROUPED_MM:
+    if x_NI.is_cuda and x_NI.dtype == torch.float32 and not _CUDA_FLOAT32_GROUPED_MM:
         return False
-    if x_NK.is_cuda and torch.cuda.get_device_capability(x_NK.device) < (8, 0):
+    if x_NI.is_cuda and torch.cuda.get_device_capability(x_NI.device) < (8, 0):
         return False
     # Its kernels need every stride of both operands to be a multiple of 16 bytes.
-    size = x_NK.element_size()
-    return (x_NK.shape[1] * size) % 16 == 0 and (w_EKP.shape[2] * size) % 16 == 0
+    size = x_NI.element_size()
+    return (x_NI.shape[1] * size) % 16 == 0 and (w_EIO.shape[2] * size) % 16 == 0
 
 
-def _require_torch_support(x_NK: Tensor, w_EKP: Tensor) -> None:
-    if not torch_gmm_supports(x_NK, w_EKP):
+def _require_torch_support(x_NI: Tensor, w_EIO: Tensor) -> None:
+    if not torch_gmm_supports(x_NI, w_EIO):
         raise ValueError(
-            f"backend='torch' cannot run {x_NK.dtype} on {x_NK.device.type} with inner dim "
-            f"{x_NK.shape[1]} and output dim {w_EKP.shape[2]} (grouped_mm needs a supported "
+            f"backend='torch' cannot run {x_NI.dtype} on {x_NI.device.type} with inner dim "
+            f"{x_NI.shape[1]} and output dim {w_EIO.shape[2]} (grouped_mm needs a supported "
             "dtype and dims that are multiples of 16 bytes); use backend='auto'"
         )
 
 
-def torch_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
-    _require_torch_support(x_NK, w_EKP)
-    return F.grouped_mm(x_NK, w_EKP, offs=offsets_E)
+def torch_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    _require_torch_support(x_NI, w_EIO)
+    return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
 
 
-def torch_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
-    _require_torch_support(x_NK, dy_NP.unsqueeze(0))
-    if x_NK.shape[0] == 0:
-        return x_NK.new_zeros(offsets_E.shape[0], x_NK.shape[1], dy_NP.shape[1])
-    return F.grouped_mm(x_NK.t(), dy_NP, offs=offsets_E)
+def torch_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    _require_torch_support(x_NI, dy_NO.unsqueeze(0))
+    if x_NI.shape[0] == 0:
+        return x_NI.new_zeros(offsets_E.shape[0], x_NI.shape[1], dy_NO.shape[1])
+    return F.grouped_mm(x_NI.t(), dy_NO, offs=offsets_E)
 
 
 def triton_available() -> bool:
@@ -119,9 +119,9 @@ def triton_available() -> bool:
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _triton(x_NK: Tensor):
-    if x_NK.dtype not in TRITON_DTYPES:
-        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {x_NK.dtype}; use 'loop'")
+def _triton(x_NI: Tensor):
+    if x_NI.dtype not in TRITON_DTYPES:
+        raise ValueError(f"backend='triton' supports {TRITON_DTYPES}, got {x_NI.dtype}; use 'loop'")
     if not triton_available():
         raise ValueError(
             "backend='triton' needs the triton package and a CUDA device "
@@ -132,12 +132,12 @@ def _triton(x_NK: Tensor):
     return triton_gemm
 
 
-def triton_gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
-    return _triton(x_NK).gmm(x_NK, w_EKP, offsets_E)
+def triton_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    return _triton(x_NI).gmm(x_NI, w_EIO, offsets_E)
 
 
-def triton_gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
-    return _triton(x_NK).gmm_wgrad(x_NK, dy_NP, offsets_E)
+def triton_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    return _triton(x_NI).gmm_wgrad(x_NI, dy_NO, offsets_E)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ TORCH = GemmBackend("torch", torch_gmm, torch_gmm_wgrad)
 TRITON = GemmBackend("triton", triton_gmm, triton_gmm_wgrad)
 
 
-def resolve_backend(name: str, x_NK: Tensor, w_EKP: Tensor) -> GemmBackend:
+def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
     """The backend that ``name`` means for these operands."""
     if name == "loop":
         return LOOP
@@ -162,10 +162,10 @@ def resolve_backend(name: str, x_NK: Tensor, w_EKP: Tensor) -> GemmBackend:
         return TRITON
     if name != "auto":
         raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
-    if x_NK.is_cuda:
-        if torch_gmm_supports(x_NK, w_EKP):
+    if x_NI.is_cuda:
+        if torch_gmm_supports(x_NI, w_EIO):
             return TORCH
-        use_triton = triton_available() and x_NK.dtype in TRITON_DTYPES
+        use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
     # On the CPU, per-expert mm into slices of one output beats grouped_mm, which
     # concatenates per-group results and whose weight gradient is 2-4x slower

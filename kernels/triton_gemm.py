@@ -1,11 +1,11 @@
 """Triton grouped GEMM: forward/input-gradient kernel and weight-gradient kernel.
 
-Shape legend: N rows (token copies in expert order), E experts, K inner dim, P output dim.
+Shape legend: N rows (token copies in expert order), E experts, I inner dim, O output dim.
 
-- ``gmm(x_NK, w_EKP, offsets_E) -> y_NP``: rows of group e (``offsets[e-1]:offsets[e]``)
+- ``gmm(x_NI, w_EIO, offsets_E) -> y_NO``: rows of group e (``offsets[e-1]:offsets[e]``)
   multiply ``w[e]``. ``w`` may be a transposed view; strides are passed through, so the
   input gradient ``dy @ w[e].T`` needs no copy.
-- ``gmm_wgrad(x_NK, dy_NP, offsets_E) -> dw_EKP``: ``x[g].T @ dy[g]`` per group, zero for
+- ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``x[g].T @ dy[g]`` per group, zero for
   empty groups.
 
 The row tiles of the forward kernel are scheduled from the offsets on the device (no host
@@ -32,11 +32,11 @@ BLOCK_M = 128  # rows per forward tile; fixed because the tile schedule is built
 
 def _launch_config(dtype: torch.dtype) -> dict:
     """Tile sizes and pipelining: 128x128 tiles for Hopper-class GPUs; float32 tiles take
-    twice the shared memory, so shorter K-steps and two stages (the weight-gradient kernel's
+    twice the shared memory, so shorter I-steps and two stages (the weight-gradient kernel's
     [128 x 128] float32 row block would not fit three). The interpreter ignores both."""
     if dtype == torch.float32:
-        return {"BM": BLOCK_M, "BN": 128, "BK": 32, "num_warps": 8, "num_stages": 2}
-    return {"BM": BLOCK_M, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+        return {"BM": BLOCK_M, "BN": 128, "BI": 32, "num_warps": 8, "num_stages": 2}
+    return {"BM": BLOCK_M, "BN": 128, "BI": 64, "num_warps": 8, "num_stages": 3}
 
 
 WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
@@ -50,8 +50,8 @@ def _gmm_kernel(
     offsets_ptr,
     tile_expert_ptr,
     tile_row_ptr,
-    K,
-    P,
+    I,
+    O,
     stride_xn,
     stride_xk,
     stride_we,
@@ -63,7 +63,7 @@ def _gmm_kernel(
     WIDEN: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
+    BI: tl.constexpr,
 ):
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile)
@@ -73,19 +73,19 @@ def _gmm_kernel(
         rows = row0 + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         row_ok = rows < end
-        col_ok = cols < P
+        col_ok = cols < O
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            ks = k0 + tl.arange(0, BK)
-            k_ok = ks < K
+        for i0 in range(0, I, BI):
+            inner = i0 + tl.arange(0, BI)
+            inner_ok = inner < I
             a = tl.load(
-                x_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :],
+                x_ptr + rows[:, None] * stride_xn + inner[None, :] * stride_xk,
+                mask=row_ok[:, None] & inner_ok[None, :],
                 other=0.0,
             )
             b = tl.load(
-                w_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wp,
-                mask=k_ok[:, None] & col_ok[None, :],
+                w_ptr + e * stride_we + inner[:, None] * stride_wk + cols[None, :] * stride_wp,
+                mask=inner_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
             if WIDEN:
@@ -104,8 +104,8 @@ def _gmm_wgrad_kernel(
     dy_ptr,
     dw_ptr,
     offsets_ptr,
-    K,
-    P,
+    I,
+    O,
     stride_xn,
     stride_xk,
     stride_dyn,
@@ -117,22 +117,22 @@ def _gmm_wgrad_kernel(
     WIDEN: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
+    BI: tl.constexpr,
 ):
     e = tl.program_id(0)
-    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    inner = tl.program_id(1) * BI + tl.arange(0, BI)
     cols = tl.program_id(2) * BN + tl.arange(0, BN)
-    k_ok = ks < K
-    col_ok = cols < P
+    inner_ok = inner < I
+    col_ok = cols < O
     end = tl.load(offsets_ptr + e)
     start = tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0)
-    acc = tl.zeros([BK, BN], dtype=tl.float32)
+    acc = tl.zeros([BI, BN], dtype=tl.float32)
     for r0 in range(start, end, BM):
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < end
         xt = tl.load(
-            x_ptr + rows[None, :] * stride_xn + ks[:, None] * stride_xk,
-            mask=k_ok[:, None] & row_ok[None, :],
+            x_ptr + rows[None, :] * stride_xn + inner[:, None] * stride_xk,
+            mask=inner_ok[:, None] & row_ok[None, :],
             other=0.0,
         )
         g = tl.load(
@@ -144,9 +144,9 @@ def _gmm_wgrad_kernel(
             xt, g = xt.to(tl.float32), g.to(tl.float32)
         acc = tl.dot(xt, g, acc, input_precision=PRECISION)
     tl.store(
-        dw_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wp,
+        dw_ptr + e * stride_we + inner[:, None] * stride_wk + cols[None, :] * stride_wp,
         acc.to(dw_ptr.dtype.element_ty),
-        mask=k_ok[:, None] & col_ok[None, :],
+        mask=inner_ok[:, None] & col_ok[None, :],
     )
 
 
@@ -171,70 +171,70 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @torch.library.custom_op("moe::triton_gmm", mutates_args=())
-def gmm(x_NK: Tensor, w_EKP: Tensor, offsets_E: Tensor) -> Tensor:
-    N, K = x_NK.shape
-    E, _, P = w_EKP.shape
-    y_NP = x_NK.new_empty(N, P)
-    if N == 0 or E == 0 or P == 0:
-        return y_NP
-    if K == 0:
-        return y_NP.zero_()
+def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    N, I = x_NI.shape
+    E, _, O = w_EIO.shape
+    y_NO = x_NI.new_empty(N, O)
+    if N == 0 or E == 0 or O == 0:
+        return y_NO
+    if I == 0:
+        return y_NO.zero_()
     tile_expert, tile_row = _row_tiles(offsets_E, N)
-    cfg = _launch_config(x_NK.dtype)
-    grid = (tile_expert.shape[0], triton.cdiv(P, cfg["BN"]))
+    cfg = _launch_config(x_NI.dtype)
+    grid = (tile_expert.shape[0], triton.cdiv(O, cfg["BN"]))
     _gmm_kernel[grid](
-        x_NK,
-        w_EKP,
-        y_NP,
+        x_NI,
+        w_EIO,
+        y_NO,
         offsets_E,
         tile_expert,
         tile_row,
-        K,
-        P,
-        x_NK.stride(0),
-        x_NK.stride(1),
-        *w_EKP.stride(),
-        y_NP.stride(0),
-        y_NP.stride(1),
-        PRECISION=_precision(x_NK.dtype),
+        I,
+        O,
+        x_NI.stride(0),
+        x_NI.stride(1),
+        *w_EIO.stride(),
+        y_NO.stride(0),
+        y_NO.stride(1),
+        PRECISION=_precision(x_NI.dtype),
         WIDEN=WIDEN,
         **cfg,
     )
-    return y_NP
+    return y_NO
 
 
 @gmm.register_fake
-def _(x_NK, w_EKP, offsets_E):
-    return x_NK.new_empty(x_NK.shape[0], w_EKP.shape[2])
+def _(x_NI, w_EIO, offsets_E):
+    return x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
 
 
 @torch.library.custom_op("moe::triton_gmm_wgrad", mutates_args=())
-def gmm_wgrad(x_NK: Tensor, dy_NP: Tensor, offsets_E: Tensor) -> Tensor:
-    K, P, E = x_NK.shape[1], dy_NP.shape[1], offsets_E.shape[0]
-    dw_EKP = x_NK.new_empty(E, K, P)
-    if dw_EKP.numel() == 0:
-        return dw_EKP
-    cfg = _launch_config(x_NK.dtype)
-    grid = (E, triton.cdiv(K, cfg["BK"]), triton.cdiv(P, cfg["BN"]))
+def gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    I, O, E = x_NI.shape[1], dy_NO.shape[1], offsets_E.shape[0]
+    dw_EIO = x_NI.new_empty(E, I, O)
+    if dw_EIO.numel() == 0:
+        return dw_EIO
+    cfg = _launch_config(x_NI.dtype)
+    grid = (E, triton.cdiv(I, cfg["BI"]), triton.cdiv(O, cfg["BN"]))
     _gmm_wgrad_kernel[grid](
-        x_NK,
-        dy_NP,
-        dw_EKP,
+        x_NI,
+        dy_NO,
+        dw_EIO,
         offsets_E,
-        K,
-        P,
-        x_NK.stride(0),
-        x_NK.stride(1),
-        dy_NP.stride(0),
-        dy_NP.stride(1),
-        *dw_EKP.stride(),
-        PRECISION=_precision(x_NK.dtype),
+        I,
+        O,
+        x_NI.stride(0),
+        x_NI.stride(1),
+        dy_NO.stride(0),
+        dy_NO.stride(1),
+        *dw_EIO.stride(),
+        PRECISION=_precision(x_NI.dtype),
         WIDEN=WIDEN,
         **cfg,
     )
-    return dw_EKP
+    return dw_EIO
 
 
 @gmm_wgrad.register_fake
-def _(x_NK, dy_NP, offsets_E):
-    return x_NK.new_empty(offsets_E.shape[0], x_NK.shape[1], dy_NP.shape[1])
+def _(x_NI, dy_NO, offsets_E):
+    return x_NI.new_empty(offsets_E.shape[0], x_NI.shape[1], dy_NO.shape[1])

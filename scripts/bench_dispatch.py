@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from moe.layers import MoEConfig, MoELayer
 from moe.parallel import ParallelLayout, parallelize_experts
-from moe.train.distributed import free_port
+from moe.parallel.world import free_port
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

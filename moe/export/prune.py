@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from moe.layers import is_expert_param
 from moe.model import MoETransformer
 
 from .routing import LayerRouting
@@ -36,7 +37,7 @@ def prune_experts(model: MoETransformer, keep: dict[int, list[int]]) -> MoETrans
     for name, tensor in target.items():
         block = int(name.split(".")[1]) if name.startswith("blocks.") else None
         if block in keep and (
-            "experts." in name or "router.weight" in name or "expert_bias" in name
+            is_expert_param(name) or "router.weight" in name or "expert_bias" in name
         ):
             tensor.copy_(source[name][keep[block]])
         else:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe.data import PackedSequences
 from moe.model import MoETransformer
-from moe.train.batches import PackedSequences
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from .config import ACTIVATIONS, GATE_MODES, MoEConfig
 from .dispatcher import LocalDispatcher
-from .experts import GroupedExperts, expert_parameters
+from .experts import GroupedExperts, expert_parameters, is_expert_param
 from .ffn import FeedForward
 from .moe_layer import MoEAux, MoELayer
 from .router import Router, RouterOutput
@@ -13,6 +13,7 @@ __all__ = [
     "FeedForward",
     "GroupedExperts",
     "expert_parameters",
+    "is_expert_param",
     "LocalDispatcher",
     "MoEAux",
     "MoEConfig",

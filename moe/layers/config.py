@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe.kernels import BACKENDS, PRIORITIES
+from moe.kernels import BACKENDS, PRIORITIES, expert_capacity
 
 ACTIVATIONS = ("swiglu", "relu", "gelu")
 GATE_MODES = ("switch", "renormalize")
@@ -77,4 +77,11 @@ class MoEConfig:
 
     @property
     def dropless(self) -> bool:
+        """No token copy is ever dropped (``capacity_factor <= 0``)."""
         return self.capacity_factor <= 0
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Copies each expert may take from ``num_tokens`` tokens; None when dropless."""
+        if self.dropless:
+            return None
+        return expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts)

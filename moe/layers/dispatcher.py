@@ -10,6 +10,8 @@ an all-to-all dispatcher without the layer importing ``torch.distributed``:
   expert, with the group ends the grouped GEMM needs, and an opaque handle for combine.
 - ``combine(y_ND, gates_TK, handle) -> y_TD``: expert outputs weighted by their gates and
   summed per token.
+- ``world_sum(counts)``: counts summed over every process's tokens of this forward (the
+  router's expert frequencies in micro-batch balancing);
 - ``routing_counts(handle) -> (kept_E, routed_E)``: token copies each of all E experts
   processed and was assigned before capacity, over every rank's tokens of this forward
   (the statistics of the layer, the same whatever the layout).
@@ -19,30 +21,28 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moe.kernels import DispatchPlan, expert_capacity, permute, plan_dispatch, unpermute
+from moe.kernels import DispatchPlan, permute, plan_dispatch, unpermute
+
+from .config import MoEConfig
 
 
 class LocalDispatcher:
     """All experts live in this process: dispatch is a permutation of token copies."""
 
-    def __init__(
-        self,
-        num_experts: int,
-        capacity_factor: float = 0.0,
-        priority: str = "sequence",
-        backend: str = "auto",
-    ):
-        self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
-        self.priority = priority
-        self.backend = backend
+    def __init__(self, config: MoEConfig):
+        self.config = config
+        self.num_experts = config.num_experts
+        self.backend = config.backend
+
+    def world_sum(self, counts: Tensor) -> Tensor:
+        """Counts summed over every process's tokens: here, this process's own."""
+        return counts
 
     def plan(self, ids_TK: Tensor, gates_TK: Tensor) -> DispatchPlan:
-        T, K = ids_TK.shape
-        capacity = None
-        if self.capacity_factor > 0:
-            capacity = expert_capacity(self.capacity_factor, T, K, self.num_experts)
-        return plan_dispatch(ids_TK, self.num_experts, capacity, gates_TK, self.priority)
+        capacity = self.config.capacity(ids_TK.shape[0])
+        return plan_dispatch(
+            ids_TK, self.num_experts, capacity, gates_TK, self.config.capacity_priority
+        )
 
     def dispatch(
         self, x_TD: Tensor, ids_TK: Tensor, gates_TK: Tensor

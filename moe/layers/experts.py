@@ -1,7 +1,8 @@
 """Experts with stacked weights, so one grouped GEMM serves all of them.
 
 Shape legend: N rows in expert order, E experts, D model dim, F hidden dim,
-H input-projection rows (2F for SwiGLU, F otherwise).
+H input-projection rows (2F for SwiGLU, F otherwise), I and O a GEMM's input and output
+dims (D and H, or F and D).
 
 Weights use the ``nn.Linear`` / Hugging Face layout ``[E, out, in]``: ``w_in_EHD`` is
 ``[E, H, D]`` (SwiGLU: gate rows then up rows, like Qwen3-MoE's ``gate_up_proj``) and
@@ -40,12 +41,12 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w_in_EHD.shape[0]
 
-    def _grouped_mm(self, x_NK: Tensor, w_EPK: Tensor, offsets_E: Tensor) -> Tensor:
+    def _grouped_mm(self, x_NI: Tensor, w_EOI: Tensor, offsets_E: Tensor) -> Tensor:
         """The one seam for the expert GEMM: ``x[g] @ w[e].T`` per group.
 
         Override it to swap in another kernel; everything else stays.
         """
-        return grouped_mm(x_NK, w_EPK.transpose(1, 2), offsets_E, backend=self.backend)
+        return grouped_mm(x_NI, w_EOI.transpose(1, 2), offsets_E, backend=self.backend)
 
     def forward(self, x_ND: Tensor, offsets_E: Tensor) -> Tensor:
         """x_ND: rows grouped by expert; offsets_E: int32 group ends. Returns [N, D]."""
@@ -53,6 +54,16 @@ class GroupedExperts(nn.Module):
         return self._grouped_mm(activate(h_NH, self.activation), self.w_out_EDF, offsets_E)
 
 
+EXPERT_WEIGHTS = ("w_in_EHD", "w_out_EDF")
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether a parameter's qualified name (or a state-dict key: optimizer state and
+    checkpoints are keyed by it) names an expert weight, the one answer to that question."""
+    module, _, leaf = name.rpartition(".")
+    return leaf in EXPERT_WEIGHTS and module.endswith("experts")
+
+
 def expert_parameters(model: nn.Module) -> set[int]:
-    """``id`` of every expert weight in ``model`` (the parameters of its ``GroupedExperts``)."""
-    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    """``id`` of every expert weight in ``model``."""
+    return {id(p) for name, p in model.named_parameters() if is_expert_param(name)}

@@ -50,16 +50,14 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(
             config.num_experts, d_model, config.d_ff, config.activation, config.backend
         )
-        self.dispatcher = LocalDispatcher(
-            config.num_experts, config.capacity_factor, config.capacity_priority, config.backend
-        )
+        self.dispatcher = LocalDispatcher(config)
 
     def forward(self, x: Tensor, load_E: Tensor | None = None) -> tuple[Tensor, MoEAux]:
         """``x``: ``[..., S, D]`` (rows of one sequence consecutive). ``load_E``: token copies
         per expert over the last optimizer step's global batch (``balance="global"``)."""
         x_TD = rearrange(x, "... d -> (...) d")
         seq_len = x.shape[-2] if x.dim() >= 3 else None
-        route = self.router(x_TD, seq_len, load_E)
+        route = self.router(x_TD, seq_len, load_E, self.dispatcher.world_sum)
         x_ND, offsets_E, handle = self.dispatcher.dispatch(x_TD, route.ids_TK, route.gates_TK)
         y_ND = self.experts(x_ND, offsets_E)
         y_TD = self.dispatcher.combine(y_ND, route.gates_TK, handle)

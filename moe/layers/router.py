@@ -10,6 +10,7 @@ was given, or (``balance="global"``) from the global counts its caller passes in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,16 +60,18 @@ class Router(nn.Module):
         self.register_buffer(
             "expert_bias_E", torch.zeros(config.num_experts) if config.expert_bias else None
         )
-        # Set from outside (moe.parallel) to sum expert counts over all ranks; the router
-        # itself never communicates.
-        self.count_reducer = None
 
     def forward(
-        self, x_TD: Tensor, seq_len: int | None = None, load_E: Tensor | None = None
+        self,
+        x_TD: Tensor,
+        seq_len: int | None = None,
+        load_E: Tensor | None = None,
+        world_sum: Callable[[Tensor], Tensor] | None = None,
     ) -> RouterOutput:
         """``seq_len``: tokens per sequence (consecutive rows), for ``balance="sequence"``;
         ``load_E``: token copies per expert over the last optimizer step's global batch,
-        for ``balance="global"``."""
+        for ``balance="global"``; ``world_sum``: sums counts over every process's tokens
+        (the dispatcher's; the router itself never communicates)."""
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
@@ -90,7 +93,7 @@ class Router(nn.Module):
             if T == 0:
                 zero = logits_TE.sum()  # keeps the graph connected to the router weight
                 return RouterOutput(ids_TK, gates_TK, zero, zero, routed_E, zero.detach())
-            aux_loss = self._balance_loss(probs_TE, ids_TK, routed_E, seq_len, load_E)
+            aux_loss = self._balance_loss(probs_TE, ids_TK, routed_E, seq_len, load_E, world_sum)
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         return RouterOutput(ids_TK, gates_TK, aux_loss, z_loss, routed_E, entropy.detach())
@@ -102,6 +105,7 @@ class Router(nn.Module):
         routed_E: Tensor,
         seq_len: int | None,
         load_E: Tensor | None,
+        world_sum: Callable[[Tensor], Tensor] | None,
     ) -> Tensor:
         """``E * sum_i f_i * P_i``: f_i the share of token copies routed to expert i (no
         gradient), P_i the mean router probability of i over this forward's tokens."""
@@ -116,7 +120,7 @@ class Router(nn.Module):
         if self.balance == "global" and load_E is not None:
             counts_E = load_E
         else:  # this forward's tokens, on every data-parallel rank when a reducer is set
-            counts_E = routed_E if self.count_reducer is None else self.count_reducer(routed_E)
+            counts_E = routed_E if world_sum is None else world_sum(routed_E)
         f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
         return E * torch.sum(f_E * probs_TE.mean(dim=0))
 

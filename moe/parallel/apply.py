@@ -22,38 +22,17 @@ from .layout import ParallelLayout
 
 @torch.no_grad()
 def parallelize_experts(model: nn.Module, layout: ParallelLayout) -> nn.Module:
-    """In place: keep this rank's slice of every MoE layer's experts, route tokens with
-    all-to-all, and make routers count experts over the whole world."""
-
-    def world_counts(counts):
-        counts = counts.clone()
-        dist.all_reduce(counts)
-        return counts
-
+    """In place: keep this rank's slice of every MoE layer's experts and swap in the
+    all-to-all dispatcher (which also sums the routers' expert counts over the world)."""
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
-        cfg = layer.config
-        local = cfg.num_experts // layout.ep
-        if cfg.num_experts % layout.ep:
-            raise ValueError(
-                f"parallel.ep={layout.ep} must divide model.moe.num_experts={cfg.num_experts}"
-            )
+        local = layout.local_experts(layer.config.num_experts)
         first = layout.ep_rank * local
         experts = layer.experts
         experts.w_in_EHD = nn.Parameter(experts.w_in_EHD[first : first + local].clone())
         experts.w_out_EDF = nn.Parameter(experts.w_out_EDF[first : first + local].clone())
-        layer.dispatcher = AllToAllDispatcher(
-            cfg.num_experts,
-            layout.ep,
-            layout.ep_rank,
-            layout.ep_group,
-            cfg.capacity_factor,
-            cfg.capacity_priority,
-            cfg.backend,
-        )
-        if layout.world > 1:
-            layer.router.count_reducer = world_counts
+        layer.dispatcher = AllToAllDispatcher(layer.config, layout)
     return model
 
 

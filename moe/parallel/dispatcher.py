@@ -24,17 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe.kernels import (
-    DispatchPlan,
-    count_per_slot,
-    expert_capacity,
-    permute,
-    plan_dispatch,
-    unpermute,
-)
-from moe.layers import LocalDispatcher
+from moe.kernels import DispatchPlan, count_per_slot, permute, plan_dispatch, unpermute
+from moe.layers import LocalDispatcher, MoEConfig
 
 from .all_to_all import all_to_all
+from .layout import ParallelLayout
 
 
 @dataclass
@@ -47,36 +41,32 @@ class EPHandle:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    def __init__(
-        self,
-        num_experts: int,
-        ep: int,
-        ep_rank: int,
-        group,
-        capacity_factor: float = 0.0,
-        priority: str = "sequence",
-        backend: str = "auto",
-    ):
-        super().__init__(num_experts, capacity_factor, priority, backend)
-        if num_experts % ep:
-            raise ValueError(f"parallel.ep={ep} must divide model.moe.num_experts={num_experts}")
-        self.ep, self.ep_rank, self.group = ep, ep_rank, group
-        self.local_experts = num_experts // ep
+    def __init__(self, config: MoEConfig, layout: ParallelLayout):
+        super().__init__(config)
+        self.layout = layout
+        self.ep, self.ep_rank, self.group = layout.ep, layout.ep_rank, layout.ep_group
+        self.local_experts = layout.local_experts(config.num_experts)
+
+    def world_sum(self, counts: Tensor) -> Tensor:
+        counts = counts.clone()
+        dist.all_reduce(counts, group=self.layout.world_group)
+        return counts
 
     def plan(self, ids_TK: Tensor, gates_TK: Tensor) -> DispatchPlan:
-        if self.capacity_factor <= 0 or self.priority != "sequence":
+        if self.config.dropless or self.config.capacity_priority != "sequence":
             return super().plan(ids_TK, gates_TK)
-        E, K = self.num_experts, ids_TK.shape[1]
+        E = self.num_experts
         mine_KE = count_per_slot(ids_TK, E)
-        every_WKE = [torch.empty_like(mine_KE) for _ in range(dist.get_world_size())]
-        dist.all_gather(every_WKE, mine_KE)  # the world's batch, not just the EP group's
+        every_WKE = [torch.empty_like(mine_KE) for _ in range(self.layout.world)]
+        # The world's batch, not just the EP group's.
+        dist.all_gather(every_WKE, mine_KE, group=self.layout.world_group)
         every_WKE = torch.stack(every_WKE)
         total_KE = every_WKE.sum(0)
-        earlier_ranks_KE = every_WKE[: dist.get_rank()].sum(0)
+        earlier_ranks_KE = every_WKE[: self.layout.rank].sum(0)
         earlier_slots_KE = torch.cumsum(total_KE, 0) - total_KE
         tokens = int(total_KE[0].sum())  # every token has one copy in slot 0
-        capacity = expert_capacity(self.capacity_factor, tokens, K, E)
         ahead_KE = earlier_slots_KE + earlier_ranks_KE
+        capacity = self.config.capacity(tokens)
         return plan_dispatch(ids_TK, E, capacity, gates_TK, "sequence", ahead_KE)
 
     def dispatch(self, x_TD: Tensor, ids_TK: Tensor, gates_TK: Tensor):
@@ -104,8 +94,7 @@ class AllToAllDispatcher(LocalDispatcher):
         """Kept and routed copies per expert of every rank's tokens (the world's
         micro-batch), not the rows this rank received for its own experts."""
         plan = handle.plan
-        counts_2E = torch.stack([plan.counts_E, plan.routed_E])
-        dist.all_reduce(counts_2E)
+        counts_2E = self.world_sum(torch.stack([plan.counts_E, plan.routed_E]))
         return counts_2E[0], counts_2E[1]
 
     def combine(self, y_ND: Tensor, gates_TK: Tensor, handle: EPHandle) -> Tensor:

@@ -21,6 +21,20 @@ class ParallelLayout:
     ep: int
     ep_group: object  # ProcessGroup of this rank's EP group
     expert_dp_group: object  # ProcessGroup of the ranks holding the same experts
+    world_group: object = None  # ProcessGroup of every rank of the layout (None: default)
+
+    @staticmethod
+    def check(world: int, ep: int, num_experts: int) -> None:
+        """Which layouts exist: ``ep`` divides the world and every layer's experts."""
+        if ep < 1 or world % ep:
+            raise ValueError(f"parallel.ep={ep} must divide the number of processes ({world})")
+        if num_experts % ep:
+            raise ValueError(f"parallel.ep={ep} must divide model.moe.num_experts={num_experts}")
+
+    def local_experts(self, num_experts: int) -> int:
+        """Experts of a layer with ``num_experts`` that each rank holds."""
+        self.check(self.world, self.ep, num_experts)
+        return num_experts // self.ep
 
     @property
     def ep_rank(self) -> int:
@@ -37,7 +51,7 @@ class ParallelLayout:
             raise RuntimeError("torch.distributed is not initialized; launch with torchrun")
         world, rank = dist.get_world_size(), dist.get_rank()
         if ep < 1 or world % ep:
-            raise ValueError(f"parallel.ep={ep} must divide the world size {world}")
+            raise ValueError(f"parallel.ep={ep} must divide the number of processes ({world})")
         ep_group = expert_dp_group = None
         for g in range(world // ep):  # new_group is collective: every rank creates every group
             ranks = list(range(g * ep, (g + 1) * ep))

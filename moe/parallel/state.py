@@ -14,11 +14,9 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from moe.layers import is_expert_param
+
 from .layout import ParallelLayout
-
-
-def is_expert_key(fqn: str) -> bool:
-    return ".experts.w_" in fqn
 
 
 class ExpertShards:
@@ -48,11 +46,11 @@ class ExpertShards:
 
 
 def _map_experts(model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
-    model_out = {k: fn(v) if is_expert_key(k) else v for k, v in model_sd.items()}
+    model_out = {k: fn(v) if is_expert_param(k) else v for k, v in model_sd.items()}
     state = {}
     for fqn, moments in optim_sd["state"].items():
         state[fqn] = {
-            k: fn(v) if is_expert_key(fqn) and torch.is_tensor(v) and v.dim() > 0 else v
+            k: fn(v) if is_expert_param(fqn) and torch.is_tensor(v) and v.dim() > 0 else v
             for k, v in moments.items()
         }
     return model_out, {**optim_sd, "state": state}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -130,21 +129,3 @@ def _plot(sweep_dir: Path, columns: list[str], rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(sweep_dir / "report.png", dpi=120)
     plt.close(fig)
-
-
-def main() -> None:
-    if len(sys.argv) != 2:
-        print("usage: moe-sweep-report SWEEP_DIR", file=sys.stderr)
-        sys.exit(2)
-    sweep_dir = Path(sys.argv[1])
-    try:
-        rows = write_report(sweep_dir)
-    except FileNotFoundError as err:
-        print(f"moe-sweep-report: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print((sweep_dir / "report.md").read_text(), end="")
-    print(f"{len(rows)} runs; wrote report.csv, report.md, report.png to {sweep_dir}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,19 +7,16 @@ trainer never see a ``DictConfig``.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any
 
+from moe.data import DataSection
 from moe.layers import MoEConfig
 from moe.model import CHECKPOINTING, ModelConfig
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; its message is one line that says what to change."""
+from moe.typed_config import ConfigError, from_dict
 
 
 @dataclass
@@ -106,36 +103,6 @@ class OptimSection:
             raise ConfigError("optim.warmup_steps/weight_decay must be >= 0, expert_lr_scale > 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
-
-
-@dataclass
-class DataSection:
-    """path: local text/jsonl/parquet files (a file, a directory or a glob); None builds the
-    embedded corpus from the Python standard library's source files. hub_name: a Hugging Face
-    dataset name (needs a network). text_field: the column holding text in jsonl/parquet.
-    tokenizer: ``byte`` (256 ids) or ``bpe`` (trained locally, saved with the run).
-    bpe_vocab_size: BPE vocabulary size. val_fraction: share of tokens held out for eval.
-    max_corpus_mb: cap on the embedded corpus. cache_dir: where the corpus is cached
-    (default ``~/.cache/moe-train``)."""
-
-    path: str | None = None
-    hub_name: str | None = None
-    text_field: str = "text"
-    tokenizer: str = "byte"
-    bpe_vocab_size: int = 2048
-    val_fraction: float = 0.05
-    max_corpus_mb: float = 8.0
-    cache_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.tokenizer not in ("byte", "bpe"):
-            raise ConfigError(f"data.tokenizer must be byte or bpe, got {self.tokenizer!r}")
-        if not 0 < self.val_fraction < 0.5:
-            raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.bpe_vocab_size < 257:
-            raise ConfigError("data.bpe_vocab_size must be > 256 (the byte alphabet)")
-        if self.max_corpus_mb <= 0:
-            raise ConfigError("data.max_corpus_mb must be > 0")
 
 
 @dataclass
@@ -271,53 +238,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        return _build(cls, values, "")
+        return from_dict(cls, values)
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from nested dicts, checking keys and scalar types."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        key = prefix + name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".")
-        else:
-            kwargs[name] = _check_scalar(value, hint, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as err:  # the layer's and model's own checks name the bare field
-        raise ConfigError(f"{prefix}{err}") from None
-
-
-def _check_scalar(value: Any, hint: Any, key: str) -> Any:
-    allowed = getattr(hint, "__args__", (hint,))
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"{key} must not be null")
-    if bool in allowed:
-        if isinstance(value, bool):
-            return value
-    elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif str in allowed and isinstance(value, str):
-        return value
-    wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
-    raise ConfigError(f"{key} must be {wanted}, got {value!r}")
-
-
-__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "RunConfig"]
+__all__ = ["ConfigError", "DataSection", "MoEConfig", "ModelConfig", "RunConfig"]

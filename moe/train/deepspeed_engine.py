@@ -18,49 +18,28 @@ from __future__ import annotations
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups, safe_get_full_optimizer_state, safe_set_full_optimizer_state
+from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 from torch import nn
 
 from moe.layers import MoELayer, expert_parameters
-from moe.parallel import ParallelLayout
+from moe.parallel.deepspeed_groups import group_name
+from moe.parallel.world import World
 
 from .config import RunConfig
-from .distributed import World
 from .faults import NonFiniteGuard
 from .optim import adamw, param_groups
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def group_name(ep: int) -> str:
-    return f"ep_size_{ep}"  # DeepSpeed's name for the groups of expert-parallel degree ep
-
-
-def deepspeed_layout(ep: int) -> ParallelLayout:
-    """Create DeepSpeed's expert-parallel groups (on the process group we initialized) and
-    describe them as a ``ParallelLayout``; they must be the ranks our layout assumes."""
-    deepspeed.init_distributed()  # wraps the process group we initialized
-    groups._create_expert_and_data_parallel(ep)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    ep_group = groups._get_expert_parallel_group(group_name(ep))
-    expert_dp_group = groups._get_expert_data_parallel_group(group_name(ep))
-    first = rank - rank % ep
-    expected = (list(range(first, first + ep)), list(range(rank % ep, world, ep)))
-    found = (dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(expert_dp_group))
-    if found != expected:
-        raise RuntimeError(f"DeepSpeed's expert groups {found} differ from ours {expected}")
-    return ParallelLayout(world, rank, ep, ep_group, expert_dp_group)
-
-
 class DeepSpeedMoEView(MoE):
     """How DeepSpeed recognises an MoE layer (``isinstance(module, MoE)`` turns on its
-    MoE-aware ZeRO optimizer). A view with no parameters or forward of its own, attached to
-    each of our MoE layers; DeepSpeed's ``__init__`` is skipped because it would build
-    DeepSpeed's own experts and gate."""
+    MoE-aware ZeRO optimizer). A view with no parameters or forward of its own, one per MoE
+    layer; DeepSpeed's ``__init__`` is skipped because it would build DeepSpeed's own
+    experts and gate."""
 
     def __init__(self, num_experts: int, ep: int):
         nn.Module.__init__(self)
@@ -73,6 +52,23 @@ class DeepSpeedMoEView(MoE):
         """The groups exist already (``deepspeed_layout``, before the model was sharded)."""
 
 
+class DeepSpeedModel(nn.Module):
+    """What DeepSpeed wraps: our model, with the MoE views beside it rather than inside our
+    layers (DeepSpeed finds MoE layers by walking the modules it is given)."""
+
+    def __init__(self, model: nn.Module, ep: int):
+        super().__init__()
+        self.model = model
+        self.moe_views = nn.ModuleList(
+            DeepSpeedMoEView(layer.config.num_experts, ep)
+            for layer in model.modules()
+            if isinstance(layer, MoELayer)
+        )
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 class DeepSpeedEngine:
     """The engine interface of ``engine.py`` over ``deepspeed.initialize``: torch AdamW with
     our parameter groups, split into DeepSpeed's MoE groups, wrapped by ZeRO."""
@@ -82,9 +78,6 @@ class DeepSpeedEngine:
         if layout is None:
             raise RuntimeError("parallel.engine=deepspeed needs a process group")
         name = group_name(layout.ep)
-        for layer in list(model.modules()):
-            if isinstance(layer, MoELayer):
-                layer.deepspeed_view = DeepSpeedMoEView(layer.config.num_experts, layout.ep)
         experts = expert_parameters(model)
         for p in model.parameters():
             if id(p) in experts:
@@ -108,7 +101,7 @@ class DeepSpeedEngine:
         }
         self.model = model
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config
+            model=DeepSpeedModel(model, layout.ep), optimizer=optimizer, config=config
         )
         self.forward_model = self.ds
 

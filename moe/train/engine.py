@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moe.parallel import clip_grad_norm_, sync_gradients
+from moe.parallel.world import World
 
 from .config import RunConfig
-from .distributed import World
 from .faults import NonFiniteGuard
 from .optim import build_optimizer
 

@@ -1,65 +1,33 @@
-"""``moe-eval checkpoint=PATH [data.path=...] [eval.batches=N] [device=cpu]``: the
-checkpoint's validation loss, computed exactly as the trainer does, as one JSON line."""
+"""Validation loss, computed the same way in training, ``moe-eval`` and exports."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import sys
-
 import torch
-from omegaconf import OmegaConf
 
-from moe.api import load_model, load_tokenizer, resolve_checkpoint
-from moe.train.checkpoint import CheckpointError, read_config
+from moe.data import PackedSequences
+from moe.model import MoETransformer
+from moe.parallel.world import World
 
-from .config import ConfigError, RunConfig
-from .data import build_data
-from .micro_batch import resolve_micro_batch
-from .trainer import evaluate, pick_device
+from .config import RunConfig
+from .loss import lm_loss
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        overrides = dict(a.split("=", 1) for a in args)
-    except ValueError:
-        print("moe-eval: error: arguments are key=value, e.g. checkpoint=PATH", file=sys.stderr)
-        sys.exit(2)
-    if "checkpoint" not in overrides:
-        print("moe-eval: error: checkpoint=PATH is required", file=sys.stderr)
-        sys.exit(2)
-    try:
-        path = resolve_checkpoint(overrides.pop("checkpoint"))
-        stored = OmegaConf.create(read_config(path))
-        merged = OmegaConf.merge(
-            stored, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()])
-        )
-        cfg = RunConfig.from_dict(OmegaConf.to_container(merged))
-        if cfg.train.micro_batch_size == "auto":  # stored configs hold the number used
-            t = cfg.train
-            micro = resolve_micro_batch("auto", t.global_batch_size, 1, t.seq_len)
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=micro))
-        device = pick_device(cfg.device)
-        model = load_model(path, device)
-        data = build_data(cfg.data, cfg.train.seq_len, tokenizer=load_tokenizer(path))
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"moe-eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    with torch.no_grad():
-        loss = evaluate(model, data.val, cfg, device)
-    step = json.loads((path / "complete.json").read_text())["step"]
-    print(
-        json.dumps(
-            {
-                "loss": loss,
-                "step": step,
-                "checkpoint": str(path),
-                "sequences": cfg.eval.batches * cfg.train.micro_batch_size,
-            }
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()
+@torch.no_grad()
+def evaluate(
+    model: MoETransformer, val: PackedSequences, cfg: RunConfig, device, world: World | None = None
+) -> float:
+    """Mean LM loss over the first ``eval.batches`` global micro-batches of the validation
+    split (each rank evaluates its share; the same sequences whatever the layout)."""
+    world = world or World()
+    was_training = model.training
+    model.eval()
+    mb = cfg.train.micro_batch_size * world.size
+    total, count = 0.0, 0
+    for b in range(cfg.eval.batches):
+        indices = world.my_rows(torch.arange(b * mb, (b + 1) * mb) % val.count)
+        ce, _ = lm_loss(model, *val.batch(indices), cfg, device)
+        total += ce.item() * len(indices)
+        count += len(indices)
+    model.train(was_training)
+    total, count = world.sum([total, count])
+    return total / count

@@ -10,8 +10,50 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 
 from .config import WandbSection
+
+
+class StepStats:
+    """What one optimizer step reports, summed over its micro-batches: the losses, the
+    MoE layers' mean dropped fraction and routing entropy, and each layer's expert loads."""
+
+    def __init__(self):
+        self.sums = dict.fromkeys(
+            ("loss", "lm_loss", "aux_loss", "z_loss", "dropped_fraction", "router_entropy"), 0.0
+        )
+        self.loads: list[torch.Tensor] | None = None
+
+    def add(self, loss: torch.Tensor, ce: torch.Tensor, out) -> None:
+        """One micro-batch: its total ``loss``, LM loss ``ce`` and the model output."""
+        for key, value in (("loss", loss), ("lm_loss", ce), ("aux_loss", out.aux_loss)):
+            self.sums[key] += value.item()
+        self.sums["z_loss"] += out.z_loss.item()
+        if out.moe:
+            layers = len(out.moe)
+            self.sums["dropped_fraction"] += (
+                sum(a.dropped_fraction.item() for a in out.moe) / layers
+            )
+            self.sums["router_entropy"] += sum(a.entropy.item() for a in out.moe) / layers
+            micro = [a.routed_E.detach().cpu() for a in out.moe]
+            self.loads = (
+                micro
+                if self.loads is None
+                else [a + b for a, b in zip(self.loads, micro, strict=True)]
+            )
+
+    def over_ranks(self, world, micro_batches: int) -> tuple[dict, list[torch.Tensor] | None]:
+        """Means per micro-batch over every rank, and loads summed over every rank: every
+        rank must agree on what it logs and whether it updates."""
+        totals = world.sum(list(self.sums.values()))
+        means = {k: v / world.size / micro_batches for k, v in zip(self.sums, totals, strict=True)}
+        loads = self.loads
+        if loads is not None and world.size > 1:
+            stacked = torch.stack(loads)
+            torch.distributed.all_reduce(stacked)
+            loads = list(stacked)
+        return means, loads
 
 
 class MetricsLog:

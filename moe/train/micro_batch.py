@@ -18,7 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .config import ConfigError
+import torch
+
+from moe.typed_config import ConfigError
+
+from .config import TrainSection
 
 # Tokens per micro-batch where no trial run decides: 32 sequences of 128 on a CPU keep the
 # activations of the presets within a few GiB; GPUs hold more.
@@ -65,3 +69,27 @@ def resolve_micro_batch(
         f"train.micro_batch_size=auto: one sequence of train.seq_len={seq_len} does not fit "
         "in device memory; lower train.seq_len or use train.checkpointing=full"
     )
+
+
+def choose_micro_batch(
+    train: TrainSection, processes: int, device: torch.device, trial: Callable[[int], None]
+) -> int:
+    """``train.micro_batch_size`` for this run. ``trial(n)``: a forward and backward of
+    ``n`` sequences, run (on one GPU only) until one does not run out of memory."""
+    args = (train.micro_batch_size, train.global_batch_size, processes, train.seq_len)
+    if device.type != "cuda":
+        return resolve_micro_batch(*args)
+    if processes > 1:
+        return resolve_micro_batch(*args, GPU_TOKEN_BUDGET)
+
+    def fits(n: int) -> bool:
+        try:
+            with torch.random.fork_rng(devices=[device]):  # the run's random state untouched
+                trial(n)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    return resolve_micro_batch(*args, fits=fits)

@@ -12,84 +12,42 @@ import json
 import os
 import signal
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from moe.model import MoETransformer
-from moe.model.config import MOE_WEIGHT_SHAPE_FIELDS, WEIGHT_SHAPE_FIELDS
-
-from .batches import PackedSequences, Sampler
-from .checkpoint import (
+from moe.checkpoint import (
     CheckpointError,
+    check_compatible,
     complete_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
-    read_config,
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import ConfigError, RunConfig
-from .data import build_data
-from .distributed import World, setup_world, shard_model
+from moe.data import Sampler, build_data
+from moe.model import MoETransformer
+from moe.parallel.world import pick_device, setup_world, shard_model
+from moe.typed_config import ConfigError
+
+from . import balance
+from .balance import StepLoads, update_expert_biases
+from .config import RunConfig
 from .engine import build_engine
+from .evaluate import evaluate
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
-from .metrics import MetricsLog, truncate_metrics
-from .micro_batch import GPU_TOKEN_BUDGET, rank_share, resolve_micro_batch
+from .loss import lm_loss
+from .metrics import MetricsLog, StepStats, truncate_metrics
+from .micro_batch import choose_micro_batch, rank_share
 from .optim import learning_rate, set_learning_rate
-
-BALANCE_FILE = "expert_loads.json"  # the last step's global expert loads, for resume
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def lm_loss(model: MoETransformer, inputs, targets, cfg: RunConfig, device, expert_loads=None):
-    with autocast(cfg, device):
-        out = model(inputs.to(device), expert_loads)
-    ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.to(device).flatten())
-    return ce, out
-
-
-@torch.no_grad()
-def evaluate(
-    model: MoETransformer, val: PackedSequences, cfg: RunConfig, device, world: World | None = None
-) -> float:
-    """Mean LM loss over the first ``eval.batches`` global micro-batches of the validation
-    split (each rank evaluates its share; the same sequences whatever the layout)."""
-    world = world or World()
-    was_training = model.training
-    model.eval()
-    mb = cfg.train.micro_batch_size * world.size
-    total, count = 0.0, 0
-    for b in range(cfg.eval.batches):
-        indices = world.my_rows(torch.arange(b * mb, (b + 1) * mb) % val.count)
-        ce, _ = lm_loss(model, *val.batch(indices), cfg, device)
-        total += ce.item() * len(indices)
-        count += len(indices)
-    model.train(was_training)
-    total, count = world.sum([total, count])
-    return total / count
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: RunConfig, run_dir: Path, loss_fn=lm_loss):
+        """``loss_fn``: the LM loss of a micro-batch (``loss.lm_loss``; tests inject faults
+        through it)."""
+        self.cfg, self.run_dir, self.loss_fn = cfg, run_dir, loss_fn
         run_dir.mkdir(parents=True, exist_ok=True)
         self.device = pick_device(cfg.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
@@ -111,7 +69,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
         self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
         self.model.set_checkpointing(t.checkpointing)
-        micro = self._micro_batch()
+        micro = choose_micro_batch(t, self.world.size, self.device, self._trial_step)
         self.cfg = cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(t, micro_batch_size=micro)
         )
@@ -120,11 +78,8 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, self.world, self.accumulation)
         self.sampler = Sampler(self.data.train.count, cfg.seed)
         self.step, self.position = 0, 0
-        # Global load balancing takes the expert frequencies of the last optimizer step's
-        # global batch (known before any micro-batch of this step runs, so the objective
-        # does not depend on the split); the first step balances against uniform loads.
         moe_layers = sum(block.is_moe for block in self.model.blocks)
-        self.step_loads = [torch.ones(cfg.model.moe.num_experts)] * moe_layers
+        self.step_loads = StepLoads(moe_layers, cfg.model.moe.num_experts)
         self.resumed_from = self._resume()
         if self.resumed_from is not None and self.world.main:  # those steps run again
             truncate_metrics(run_dir, self.step)
@@ -135,35 +90,15 @@ class Trainer:
             run_dir, cfg.logger.wandb, dataclasses.asdict(cfg), enabled=self.world.main
         )
 
-    def _micro_batch(self) -> int:
-        """``train.micro_batch_size`` resolved (``auto``: see ``micro_batch.py``)."""
-        t, world = self.cfg.train, self.world
-        if self.device.type != "cuda":
-            return resolve_micro_batch(
-                t.micro_batch_size, t.global_batch_size, world.size, t.seq_len
-            )
-        if world.size > 1:
-            return resolve_micro_batch(
-                t.micro_batch_size, t.global_batch_size, world.size, t.seq_len, GPU_TOKEN_BUDGET
-            )
-        return resolve_micro_batch(
-            t.micro_batch_size, t.global_batch_size, 1, t.seq_len, fits=self._fits
-        )
-
-    def _fits(self, sequences: int) -> bool:
-        """Trial forward and backward of ``sequences`` training sequences; leaves the
-        weights, gradients and random state as they were."""
+    def _trial_step(self, sequences: int) -> None:
+        """Forward and backward of ``sequences`` training sequences, gradients dropped (to
+        find the micro-batch that fits)."""
         batch = self.data.train.batch(torch.arange(sequences) % self.data.train.count)
         try:
-            with torch.random.fork_rng(devices=[self.device]):
-                ce, out = lm_loss(self.model, *batch, self.cfg, self.device)
-                (ce + out.aux_loss + out.z_loss).backward()
-            return True
-        except torch.OutOfMemoryError:
-            return False
+            ce, out = lm_loss(self.model, *batch, self.cfg, self.device)
+            (ce + out.aux_loss + out.z_loss).backward()
         finally:
             self.model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
 
     def _resume(self) -> Path | None:
         choice = self.cfg.resume
@@ -179,36 +114,17 @@ class Trainer:
                 verify_checkpoint(path)
             except CheckpointError as err:
                 raise ConfigError(f"resume={choice}: {err}") from None
-        self._check_compatible(path)
+        check_compatible(path, self.cfg.model)
         progress = load_checkpoint(path, self.model, self.engine, self.world)
-        if (path / BALANCE_FILE).exists():  # checkpoints before global balancing lack it
-            loads = json.loads((path / BALANCE_FILE).read_text())
-            self.step_loads = [torch.tensor(load) for load in loads]
+        self.step_loads.restore(path)
         self.step, self.position = progress["step"], progress["data_position"]
         return path
-
-    def _check_compatible(self, path: Path) -> None:
-        """Refuse a checkpoint of another model shape before loading anything from it."""
-        stored = read_config(path)["model"]
-        current = dataclasses.asdict(self.cfg.model)
-        for key in WEIGHT_SHAPE_FIELDS:
-            if stored.get(key) != current[key]:
-                raise ConfigError(
-                    f"checkpoint {path} has model.{key}={stored.get(key)}, this "
-                    f"run model.{key}={current[key]}; resume with a matching model"
-                )
-        for key in MOE_WEIGHT_SHAPE_FIELDS:
-            if stored["moe"].get(key) != current["moe"][key]:
-                raise ConfigError(
-                    f"checkpoint {path} has model.moe.{key}={stored['moe'].get(key)}, this run "
-                    f"model.moe.{key}={current['moe'][key]}; resume with a matching model"
-                )
 
     def _save(self) -> Path:
         files = {
             "config.json": json.dumps(dataclasses.asdict(self.cfg), indent=1),
             "tokenizer.json": self.data.tokenizer.to_str(),
-            BALANCE_FILE: json.dumps([load.tolist() for load in self.step_loads]),
+            balance.FILE: self.step_loads.to_json(),
         }
         return save_checkpoint(
             self.run_dir,
@@ -227,52 +143,24 @@ class Trainer:
         set_learning_rate(self.engine.optimizer, lr)
         indices = self.sampler.indices(self.position, t.global_batch_size)
         self.position += t.global_batch_size
-        sums = {
-            "loss": 0.0,
-            "lm_loss": 0.0,
-            "aux_loss": 0.0,
-            "z_loss": 0.0,
-            "dropped_fraction": 0.0,
-            "router_entropy": 0.0,
-        }
-        loads = None
-        step_loads = [load.to(self.device) for load in self.step_loads]
+        stats = StepStats()
+        step_loads = self.step_loads.on(self.device)
         for micro in indices.split(t.micro_batch_size * self.world.size):
-            mine = self.world.my_rows(micro)
-            batch = self.data.train.batch(mine)
-            ce, out = lm_loss(self.engine.forward_model, *batch, cfg, self.device, step_loads)
+            batch = self.data.train.batch(self.world.my_rows(micro))
+            ce, out = self.loss_fn(self.engine.forward_model, *batch, cfg, self.device, step_loads)
             loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
             self.engine.backward(loss)
-            sums["loss"] += loss.item()
-            sums["lm_loss"] += ce.item()
-            sums["aux_loss"] += out.aux_loss.item()
-            sums["z_loss"] += out.z_loss.item()
-            if out.moe:
-                layers = len(out.moe)
-                sums["dropped_fraction"] += sum(a.dropped_fraction.item() for a in out.moe) / layers
-                sums["router_entropy"] += sum(a.entropy.item() for a in out.moe) / layers
-                micro_loads = [a.routed_E.detach().cpu() for a in out.moe]
-                loads = (
-                    micro_loads
-                    if loads is None
-                    else [a + b for a, b in zip(loads, micro_loads, strict=True)]
-                )
-        # Every rank must agree on what it logs and whether it updates: average over ranks.
-        totals = self.world.sum(list(sums.values()))
-        sums = {k: v / self.world.size for k, v in zip(sums, totals, strict=True)}
-        if loads is not None and self.world.size > 1:
-            stacked = torch.stack(loads)
-            dist.all_reduce(stacked)
-            loads = list(stacked)
-        grad_norm, updated = self.engine.step(self.nonfinite, sums["loss"], self.step + 1)
+            stats.add(loss, ce, out)
+        means, loads = stats.over_ranks(self.world, self.accumulation)
+        grad_norm, updated = self.engine.step(self.nonfinite, means["loss"], self.step + 1)
         if loads is not None:
-            self.step_loads = loads
+            self.step_loads.update(loads)
         if updated and loads is not None:
-            self._update_expert_biases(loads)
+            update_expert_biases(self.model, loads, t.expert_bias_rate)
         self.step += 1
         record = {
             "step": self.step,
-            **{k: v / self.accumulation for k, v in sums.items()},
+            **means,
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped_steps": self.nonfinite.skipped,
@@ -285,15 +173,6 @@ class Trainer:
                     tqdm.write(f"warning: {message}")
                 record["router_collapse"] = 1
         return record, loads
-
-    def _update_expert_biases(self, loads: list[torch.Tensor]) -> None:
-        """Aux-loss-free balancing: nudge each router's bias by this step's expert loads."""
-        moe_blocks = [b for b in self.model.blocks if b.is_moe]
-        for block, load in zip(moe_blocks, loads, strict=True):
-            if block.ffn.router.expert_bias_E is not None:
-                block.ffn.router.update_expert_bias(
-                    load.to(self.device), self.cfg.train.expert_bias_rate
-                )
 
     def train(self) -> dict:
         """Train to ``train.max_steps``; returns the run summary (also ``summary.json``).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moe.train.distributed import free_port
+from moe.parallel.world import free_port
 from moe.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

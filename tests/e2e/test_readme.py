@@ -97,7 +97,7 @@ PLAN = {
     ),
     "sbatch --nodes=4 launch/slurm.sbatch parallel.ep=8 model=gpu_1b": NotRun(
         "needs Slurm; launch/slurm.sbatch runs with srun/scontrol stand-ins in "
-        "tests/parallel/test_engines_and_launchers.py (preemption and requeue)"
+        "tests/e2e/test_engines_and_launchers.py (preemption and requeue)"
     ),
     "RUN_DIR=/shared/runs/a bash launch/deepspeed.sh launch/hostfile parallel.ep=8": StandIn(
         f"RUN_DIR=runs/ds_ssh bash launch/deepspeed.sh my_hostfile parallel.ep=2 {SMALL}",
@@ -106,7 +106,7 @@ PLAN = {
     "NODE_RANK=0 MASTER_ADDR=node0 RUN_DIR=/shared/runs/a bash launch/deepspeed.sh "
     "launch/hostfile parallel.ep=8": NotRun(
         "several nodes; the same per-node path (NODE_RANK, no ssh) runs with a one-host "
-        "hostfile in tests/parallel/test_engines_and_launchers.py"
+        "hostfile in tests/e2e/test_engines_and_launchers.py"
     ),
     "RUN_DIR=runs/ds bash launch/deepspeed.sh my_hostfile parallel.ep=2": Run(),
     "moe-train -m model.moe.num_experts=8,16,32 optim.lr=1e-3,3e-3": Run(),

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe import load_model
+from moe.data import byte_tokenizer
 from moe.export.experts import export_experts
 from moe.export.hf import UnsupportedExport, export_hf, from_hf_state_dict
 from moe.export.prune import prune_experts
@@ -16,7 +17,6 @@ from moe.export.routing import routing_stats
 from moe.export.upcycle import dense_from_hf, upcycle
 from moe.layers import MoEConfig
 from moe.model import MoETransformer
-from moe.train.tokenizer import byte_tokenizer
 from moe.train.trainer import Trainer
 from tests.reference import on_cpu
 from tests.small_model import small_model_config
@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 def run_cli(entry: str, *args: str) -> subprocess.CompletedProcess:
     """``moe-export`` / ``moe-upcycle`` as a subprocess, whatever is on PATH."""
-    cmd = [sys.executable, "-c", f"from moe.export.cli import {entry}; {entry}()", *args]
+    cmd = [sys.executable, "-c", f"from moe.cli.export import {entry}; {entry}()", *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 

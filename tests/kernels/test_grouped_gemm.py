@@ -104,7 +104,7 @@ def test_auto_on_cpu_picks_the_loop():
 def test_bad_arguments_fail_with_one_clear_line():
     with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
         grouped_mm(torch.randn(2, 4), torch.randn(1, 4, 4), torch.tensor([2]), backend="cublas")
-    with pytest.raises(ValueError, match=r"x \[N, K\] and w \[E, K, P\]"):
+    with pytest.raises(ValueError, match=r"x \[N, I\] and w \[E, I, O\]"):
         grouped_mm(torch.randn(2, 4), torch.randn(1, 5, 4), torch.tensor([2]))
     with pytest.raises(ValueError, match="one entry per expert"):
         grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 4), torch.tensor([2]))

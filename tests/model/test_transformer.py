@@ -44,7 +44,7 @@ def test_tiny_presets_have_equal_active_parameters():
     pytest.importorskip("hydra")
     from hydra import compose, initialize_config_dir
 
-    from moe.train.cli import CONFIG_DIR, to_run_config
+    from moe.cli.train import CONFIG_DIR, to_run_config
 
     counts = {}
     for preset in ("tiny", "tiny_dense"):

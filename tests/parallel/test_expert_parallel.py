@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from moe.layers import MoEConfig, MoELayer
+from moe.layers import MoEConfig, MoELayer, is_expert_param
 from moe.model import MoETransformer
 from moe.parallel import ParallelLayout, clip_grad_norm_, parallelize_experts, sync_gradients
 from tests.reference import on_cpu
@@ -79,7 +79,7 @@ def _train_worker(rank, world, ep, store, out, capacity_factor):
     losses = train(model, step, slice(rank * share, (rank + 1) * share))
     state = {}
     for name, tensor in model.state_dict().items():
-        if "experts." in name:
+        if is_expert_param(name):
             parts = [torch.empty_like(tensor) for _ in range(ep)]
             dist.all_gather(parts, tensor, group=layout.ep_group)
             tensor = torch.cat(parts)

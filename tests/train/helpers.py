@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from moe.train.cli import CONFIG_DIR, to_run_config
+from moe.cli.train import CONFIG_DIR, to_run_config
 from moe.train.config import RunConfig
 
 WORDS = [

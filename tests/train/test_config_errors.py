@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from moe.train.cli import validate_overrides
-from moe.train.config import ConfigError
+from moe.cli.train import validate_overrides
 from moe.train.trainer import Trainer
+from moe.typed_config import ConfigError
 from tests.reference import on_cpu
 from tests.train.helpers import small_config
 

@@ -3,8 +3,8 @@ fits; explicit values are checked as before."""
 
 import pytest
 
-from moe.train.config import ConfigError
 from moe.train.micro_batch import CPU_TOKEN_BUDGET, resolve_micro_batch
+from moe.typed_config import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe import load_model
-from moe.train.checkpoint import complete_checkpoints
+from moe.checkpoint import complete_checkpoints
 from moe.train.metrics import read_metrics
 from moe.train.trainer import Trainer
 from tests.reference import on_cpu
@@ -79,7 +79,7 @@ def test_load_model_and_moe_eval_reproduce_last_val_loss(tmp_path):
     assert not model.training
     torch.testing.assert_close(model(ids).logits, trainer.model.eval()(ids).logits, rtol=0, atol=0)
     out = subprocess.run(
-        [sys.executable, "-m", "moe.train.evaluate", f"checkpoint={tmp_path / 'run'}"],
+        [sys.executable, "-m", "moe.cli.eval", f"checkpoint={tmp_path / 'run'}"],
         capture_output=True,
         text=True,
         check=True,

@@ -3,8 +3,9 @@ null; a key set in the config wins."""
 
 import pytest
 
-from moe.train.config import ConfigError, WandbSection
+from moe.train.config import WandbSection
 from moe.train.metrics import MetricsLog
+from moe.typed_config import ConfigError
 
 
 def test_environment_fills_null_keys_and_config_wins():

@@ -18,32 +18,27 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from moe.api import load_model, load_tokenizer, resolve_checkpoint
+from moe.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_tokenizer,
+    read_config,
+    resolve_checkpoint,
+    save_model_checkpoint,
+)
+from moe.data import build_data
+from moe.export.experts import export_experts
+from moe.export.hf import UnsupportedExport, export_hf
+from moe.export.prune import most_used, prune_experts
+from moe.export.routing import routing_stats
+from moe.export.upcycle import dense_from_hf, upcycle
 from moe.layers import MoEConfig
-from moe.train.checkpoint import CheckpointError, read_config, save_model_checkpoint
-from moe.train.config import ConfigError, RunConfig
-from moe.train.data import build_data
-from moe.train.trainer import evaluate
+from moe.train.config import RunConfig
+from moe.train.evaluate import evaluate
+from moe.typed_config import ConfigError
 
-from .experts import export_experts
-from .hf import UnsupportedExport, export_hf
-from .prune import most_used, prune_experts
-from .routing import routing_stats
-from .upcycle import dense_from_hf, upcycle
-
-
-def parse(argv: list[str], program: str) -> dict:
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    except Exception as err:
-        die(program, f"arguments are key=value ({err})")
-
-
-def die(program: str, message: str) -> None:
-    print(f"{program}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+from .errors import fail, key_values
 
 
 def run_config(path: Path, data_override: dict | None) -> RunConfig:
@@ -54,13 +49,13 @@ def run_config(path: Path, data_override: dict | None) -> RunConfig:
 
 
 def export_main(argv: list[str] | None = None) -> None:
-    args = parse(sys.argv[1:] if argv is None else argv, "moe-export")
+    args = key_values(sys.argv[1:] if argv is None else argv, "moe-export")
     for key in ("checkpoint", "out"):
         if key not in args:
-            die("moe-export", f"{key}=PATH is required")
+            fail("moe-export", f"{key}=PATH is required")
     fmt = args.get("format", "hf")
     if fmt not in ("hf", "experts", "pruned"):
-        die("moe-export", f"format must be hf, experts or pruned, got {fmt!r}")
+        fail("moe-export", f"format must be hf, experts or pruned, got {fmt!r}")
     try:
         path = resolve_checkpoint(args["checkpoint"])
         cfg = run_config(path, args.get("data"))
@@ -81,7 +76,7 @@ def export_main(argv: list[str] | None = None) -> None:
             else:
                 result.update(prune(model, tokenizer, cfg, data, stats, args, out))
     except (ConfigError, CheckpointError, UnsupportedExport, FileNotFoundError, ValueError) as err:
-        die("moe-export", str(err))
+        fail("moe-export", str(err))
     print(json.dumps(result))
 
 
@@ -115,10 +110,10 @@ def prune(model, tokenizer, cfg: RunConfig, data, stats, args: dict, out: Path) 
 
 
 def upcycle_main(argv: list[str] | None = None) -> None:
-    args = parse(sys.argv[1:] if argv is None else argv, "moe-upcycle")
+    args = key_values(sys.argv[1:] if argv is None else argv, "moe-upcycle")
     for key in ("source", "out", "num_experts"):
         if key not in args:
-            die("moe-upcycle", f"{key}=... is required")
+            fail("moe-upcycle", f"{key}=... is required")
     source = Path(args["source"])
     try:
         moe = MoEConfig(
@@ -147,7 +142,7 @@ def upcycle_main(argv: list[str] | None = None) -> None:
         ValueError,
         KeyError,
     ) as err:
-        die("moe-upcycle", str(err))
+        fail("moe-upcycle", str(err))
     files = {
         "config.json": json.dumps(
             dataclasses.asdict(dataclasses.replace(run, model=model.config)), indent=1

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.parallel.runs import losses, run
+from tests.e2e.runs import losses, run
 from tests.train.helpers import small_overrides
 
 pytest.importorskip("hydra")

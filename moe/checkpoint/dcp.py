@@ -26,7 +26,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .checkpoint_files import (
+from moe.parallel.world import World
+
+from .files import (
     MANIFEST,
     CheckpointError,
     check_metadata_pickle,
@@ -35,7 +37,6 @@ from .checkpoint_files import (
     verify_manifest,
     write_manifest,
 )
-from .distributed import World
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = MANIFEST

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from moe.typed_config import ConfigError
 
 
 class PackedSequences:

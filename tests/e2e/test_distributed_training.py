@@ -12,9 +12,9 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from moe import load_model
-from moe.parallel.state import is_expert_key
-from moe.train.checkpoint import complete_checkpoints
-from tests.parallel.runs import launch, losses, run
+from moe.checkpoint import complete_checkpoints
+from moe.layers import is_expert_param
+from tests.e2e.runs import launch, losses, run
 from tests.train.helpers import small_overrides
 
 pytest.importorskip("hydra")
@@ -44,12 +44,12 @@ def test_checkpoint_from_four_ranks_resumes_on_two_and_on_one(tmp_path):
     # Sharded: every expert tensor (weights and moments) was written as 4 slices, one per
     # EP rank, each from its own rank's file.
     metadata = FileSystemReader(saved).read_metadata().state_dict_metadata
-    experts = [k for k in metadata if is_expert_key(k) and len(metadata[k].size) > 0]
+    experts = [k for k in metadata if is_expert_param(k) and len(metadata[k].size) > 0]
     assert experts and all(len(metadata[k].chunks) == 4 for k in experts)
     assert len(list(saved.glob("__*_0.distcp"))) == 4
     # The expert-parallel checkpoint exports like any other (it holds the full experts).
     transformers = pytest.importorskip("transformers")
-    from moe.api import load_tokenizer
+    from moe.checkpoint import load_tokenizer
     from moe.export.hf import export_hf
 
     model = load_model(saved)

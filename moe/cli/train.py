@@ -19,9 +19,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint_files import CheckpointError
-from .config import ConfigError, RunConfig
-from .faults import EXIT_NUMERICAL, EXIT_PREEMPTED, NumericalFault, Preempted
+from moe.checkpoint import CheckpointError
+from moe.train.config import RunConfig
+from moe.train.faults import EXIT_NUMERICAL, EXIT_PREEMPTED, NumericalFault, Preempted
+from moe.typed_config import ConfigError
+
+from . import errors
+
+PROGRAM = "moe-train"
 
 CONFIG_DIR = str(resources.files("moe.configs"))
 
@@ -34,8 +39,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 
 def fail(message: str) -> None:
-    print(f"moe-train: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    errors.fail(PROGRAM, message)
 
 
 def validate_overrides(overrides: list[str]) -> None:
@@ -104,7 +108,7 @@ def in_sweep(run_cfg: RunConfig) -> RunConfig:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base=None)
 def hydra_app(cfg: DictConfig) -> float | None:
-    from .trainer import Trainer
+    from moe.train.trainer import Trainer
 
     try:
         run_cfg = in_sweep(to_run_config(cfg))
@@ -132,8 +136,7 @@ def hydra_app(cfg: DictConfig) -> float | None:
     except (NumericalFault, CheckpointError) as err:
         together = isinstance(err, NumericalFault)  # decided on rank-averaged numbers
         write_status(run_dir, "failed", error=str(err))
-        print(f"moe-train: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_NUMERICAL if isinstance(err, NumericalFault) else 1)
+        errors.fail(PROGRAM, str(err), EXIT_NUMERICAL if isinstance(err, NumericalFault) else 1)
     except BaseException as err:
         write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
         raise
@@ -152,7 +155,7 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(
         a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in args
     ):  # each rank would otherwise stamp its own time into the run directory's name
-        from .distributed import shared_run_dir
+        from moe.parallel.world import shared_run_dir
 
         args.append(f"hydra.run.dir={shared_run_dir()}")
         sys.argv.append(args[-1])

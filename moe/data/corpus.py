@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, DataSection
+from moe.typed_config import ConfigError
+
+from .config import DataSection
 
 BUILDERS = {
     ".txt": "text",

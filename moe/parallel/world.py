@@ -1,5 +1,6 @@
-"""The trainer's view of the process world: who am I, which rows are mine, and sums
-over everyone. One process is the degenerate case: no process group, no communication."""
+"""The process world as a run sees it: the device, joining the launcher's process group,
+who am I, which rows of a batch are mine, sums over everyone, and the run directory every
+rank shares. One process is the degenerate case: no process group, no communication."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
-from moe.parallel import ParallelLayout, parallelize_experts
-from moe.parallel.state import ExpertShards
+from moe.typed_config import ConfigError
 
-from .config import ConfigError
+from .apply import parallelize_experts
+from .layout import ParallelLayout
+from .state import ExpertShards
 
 
 @dataclass
@@ -63,6 +65,14 @@ class World:
             dist.destroy_process_group()
 
 
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def setup_world(ep: int, num_experts: int, device: torch.device, engine: str = "native") -> World:
     """Join the process group torchrun (or srun + torchrun, the DeepSpeed launcher,
     ``accelerate launch``) describes. DeepSpeed wants a process group even for one process."""
@@ -74,10 +84,10 @@ def setup_world(ep: int, num_experts: int, device: torch.device, engine: str = "
                 f"torchrun --nproc_per_node={ep} -m moe.train parallel.ep={ep}"
             )
         return World()
-    if size % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide the number of processes ({size})")
-    if num_experts % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide model.moe.num_experts={num_experts}")
+    try:
+        ParallelLayout.check(size, ep, num_experts)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not dist.is_initialized():
         if size == 1:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -86,7 +96,7 @@ def setup_world(ep: int, num_experts: int, device: torch.device, engine: str = "
         # On GPUs, CPU tensors (step metrics, flags) still travel, over gloo.
         dist.init_process_group("cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
     if engine == "deepspeed":
-        from .deepspeed_engine import deepspeed_layout
+        from .deepspeed_groups import deepspeed_layout
 
         return World(size, dist.get_rank(), deepspeed_layout(ep))
     return World(size, dist.get_rank(), ParallelLayout.create(ep))

@@ -1,0 +1,67 @@
+"""Typed configuration: dataclasses built from nested dicts (what Hydra composes), each
+key and scalar type checked, each dataclass validating itself in ``__post_init__``.
+
+``ConfigError`` is the one exception for a configuration mistake; its message is one line
+that names the key and says what to change (the command line prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; its message is one line that says what to change."""
+
+
+def from_dict(cls: type, values: Any, prefix: str = "") -> Any:
+    """Dataclass ``cls`` from nested dicts; unknown keys and wrong scalar types are refused
+    with the key's full name (``prefix`` + field)."""
+    return _build(cls, values, prefix)
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from nested dicts, checking keys and scalar types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _check_scalar(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the layer's and model's own checks name the bare field
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _check_scalar(value: Any, hint: Any, key: str) -> Any:
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+    elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif str in allowed and isinstance(value, str):
+        return value
+    wanted = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise ConfigError(f"{key} must be {wanted}, got {value!r}")
