@@ -1,0 +1,150 @@
+"""Training-step throughput: an MoE model against its dense twin with equal active
+parameters (every MoE FFN replaced by a dense SwiGLU FFN of width ``top_k * moe.d_ff``).
+
+Both train on the same random token batches, steps interleaved in one process (forward,
+backward, AdamW), medians after warm-up. Columns: tokens/s of each, the ratio MoE/dense,
+training FLOPs per token (``MoETransformer.flops_per_token``) and MFU against the measured
+rate of one large matmul in the same dtype on this machine (the peak it states).
+
+    python scripts/bench_train.py                      # tiny and small, float32 and bfloat16
+    python scripts/bench_train.py --presets gpu_1b --dtypes bfloat16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from moe.model import ModelConfig, MoETransformer
+from moe.typed_config import from_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BATCH = {"tiny": (16, 128), "small": (8, 256), "gpu_1b": (8, 2048)}  # sequences, tokens
+
+
+def preset(name: str) -> ModelConfig:
+    values = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    values.pop("defaults", None)
+    return from_dict(ModelConfig, values, "model.")
+
+
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """Every block dense, FFN width ``top_k * moe.d_ff``: the MoE model's active FFN."""
+    width = cfg.moe.top_k * cfg.moe.d_ff
+    if cfg.moe_every != 1 and width != cfg.d_ff:
+        raise SystemExit(f"{cfg}: dense blocks of width {cfg.d_ff} differ from {width}")
+    return dataclasses.replace(cfg, moe_every=0, d_ff=width)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """FLOP/s of one n x n x n matmul, the machine's practical peak in this dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model: MoETransformer, dtype: torch.dtype, device: torch.device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(ids: torch.Tensor) -> float:
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(ids[:, :-1])
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        (loss + 0.001 * out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        return time.perf_counter() - start
+
+    return step
+
+
+def bench(name: str, dtype_name: str, steps: int, device: torch.device) -> dict:
+    cfg = preset(name)
+    sequences, seq_len = BATCH[name]
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    models = {
+        "moe": MoETransformer(cfg).to(device),
+        "dense": MoETransformer(dense_twin(cfg)).to(device),
+    }
+    steppers = {kind: make_step(m, dtype, device) for kind, m in models.items()}
+    times = {kind: [] for kind in models}
+    for i in range(steps + 2):  # two warm-up steps each
+        ids = torch.randint(0, cfg.vocab_size, (sequences, seq_len + 1), device=device)
+        for kind in models if i % 2 == 0 else reversed(list(models)):
+            seconds = steppers[kind](ids)
+            if i >= 2:
+                times[kind].append(seconds)
+    tokens = sequences * seq_len
+    peak = matmul_peak(dtype, device)
+    row = {"preset": name, "dtype": dtype_name, "tokens_per_step": tokens, "peak_flops": peak}
+    for kind, model in models.items():
+        per_s = tokens / statistics.median(times[kind])
+        flops = model.flops_per_token(seq_len)
+        counts = model.parameter_counts()
+        row[kind] = {
+            "tokens_per_s": per_s,
+            "flops_per_token": flops,
+            "mfu": per_s * flops / peak,
+            "params_active": counts["active"],
+            "params_total": counts["total"],
+        }
+    row["moe_over_dense"] = row["moe"]["tokens_per_s"] / row["dense"]["tokens_per_s"]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--presets", default="tiny,small")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    header = ["preset", "dtype", "MoE tok/s", "dense tok/s", "MoE/dense", "MoE MFU", "dense MFU"]
+    header.append("peak TFLOP/s")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in args.presets.split(","):
+        for dtype_name in args.dtypes.split(","):
+            r = bench(name, dtype_name, args.steps, device)
+            rows.append(r)
+            print(
+                f"| {name} | {dtype_name} | {r['moe']['tokens_per_s']:.0f} | "
+                f"{r['dense']['tokens_per_s']:.0f} | {r['moe_over_dense']:.2f} | "
+                f"{r['moe']['mfu']:.1%} | {r['dense']['mfu']:.1%} | {r['peak_flops'] / 1e12:.2f} |",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
