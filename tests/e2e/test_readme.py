@@ -200,6 +200,7 @@ def check_outputs(command: str, root: Path, stdout: str) -> None:
     """What the command that ran promises to leave behind, where it names it."""
     if "hydra.run.dir=runs/a" in command:
         assert (root / "runs/a/summary.json").exists()
+        assert not (root / "runs/a/wandb").exists()  # WANDB_MODE=disabled was honoured
         assert [r for r in read_metrics(root / "runs/a") if r.get("split") == "val"]
     if command.startswith("moe-eval"):
         assert "loss" in json.loads(stdout.strip().splitlines()[-1])
