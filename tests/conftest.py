@@ -5,7 +5,7 @@ import torch
 
 # The trainer's tests need its dependencies (hydra, datasets, ...); an image with only
 # torch/triton/einops (a lent GPU machine) runs the kernel, layer and model tests alone.
-TRAINER_TESTS = ["e2e", "train", "sweep", "export"]
+TRAINER_TESTS = ["cli", "e2e", "train", "sweep", "export"]
 collect_ignore = [] if importlib.util.find_spec("hydra") else TRAINER_TESTS
 
 if torch.cuda.is_available():

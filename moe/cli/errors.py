@@ -19,6 +19,8 @@ def fail(program: str, message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 def key_values(argv: list[str], program: str) -> dict:
     """``key=value`` arguments (dotted keys nest) as a dict; anything else fails."""
+    if bare := [arg for arg in argv if "=" not in arg]:
+        fail(program, f"arguments are key=value, e.g. checkpoint=PATH; got {bare[0]!r}")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(argv))
     except Exception as err:
