@@ -74,27 +74,28 @@ class NonFiniteGuard:
 
 
 class CollapseDetector:
-    """Warns once per layer when one expert takes more than ``threshold`` of the tokens for
-    ``patience`` consecutive steps."""
+    """Warns once per layer when one expert takes more than ``threshold`` of the token
+    copies (tokens x top-k) for ``patience`` consecutive steps."""
 
     def __init__(self, threshold: float, patience: int):
         self.threshold, self.patience = threshold, patience
         self.streaks: dict[int, int] = {}
         self.warned: set[int] = set()
 
-    def update(self, loads: list[torch.Tensor], tokens: int, step: int) -> list[str]:
+    def update(self, loads: list[torch.Tensor], copies: int, step: int) -> list[str]:
         messages = []
         for layer, load in enumerate(loads):
             if len(load) < 2:  # a single expert takes every token by design
                 continue
-            share = load.max().item() / max(tokens, 1)
+            share = load.max().item() / max(copies, 1)
             self.streaks[layer] = self.streaks.get(layer, 0) + 1 if share > self.threshold else 0
             if self.streaks[layer] >= self.patience and layer not in self.warned:
                 self.warned.add(layer)
                 expert = int(load.argmax())
                 messages.append(
                     f"router collapse in MoE layer {layer}: expert {expert} has taken over "
-                    f"{self.threshold:.0%} of tokens for {self.patience} steps (step {step}); "
+                    f"{self.threshold:.0%} of token copies for {self.patience} steps "
+                    f"(step {step}); "
                     "consider a larger train.aux_loss_coef or model.moe.expert_bias=true"
                 )
         return messages

@@ -167,8 +167,8 @@ class Trainer:
         }
         if loads is not None:
             record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
-            tokens = t.global_batch_size * t.seq_len
-            for message in self.collapse.update(loads, tokens, self.step):
+            copies = t.global_batch_size * t.seq_len * cfg.model.moe.top_k
+            for message in self.collapse.update(loads, copies, self.step):
                 if self.world.main:
                     tqdm.write(f"warning: {message}")
                 record["router_collapse"] = 1
