@@ -9,9 +9,9 @@ with global load balancing the losses do not depend on it either.
 - on the CPU, and on GPUs with several processes, a preset token budget per micro-batch
   (an out-of-memory error on one rank in the middle of an all-to-all would hang the others,
   so there is no trial run with several processes);
-- on one GPU, found by trying forward and backward and halving on out-of-memory before the
-  first step, as Lightning's batch-size finder and accelerate's
-  ``find_executable_batch_size`` do.
+- on one GPU, found by trying forward and backward before the first step and stepping
+  down on out-of-memory (through the divisors of the share, so accumulation stays exact),
+  as Lightning's batch-size finder and accelerate's ``find_executable_batch_size`` do.
 """
 
 from __future__ import annotations
