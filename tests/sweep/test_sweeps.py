@@ -1,4 +1,5 @@
-"""Sweeps: Hydra multirun, Optuna, submitit_local, interruption + resume, and the report."""
+"""Sweeps: Hydra multirun, submitit_local, interruption + resume, and the report (Optuna
+sweeps: test_optuna.py)."""
 
 import csv
 import json
@@ -13,8 +14,6 @@ import pytest
 from moe.sweep.report import write_report
 from moe.train.metrics import read_metrics
 from tests.train.helpers import small_overrides
-
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 
 def sweep_args(tmp_path, sweep_dir, swept: dict, **extra):
@@ -64,18 +63,6 @@ def test_grid_multirun_and_report(tmp_path):
     assert by[("2", "1")]["params_total"] < by[("4", "1")]["params_total"]
     assert (sweep / "report.md").read_text().count("| finished |") == 4
     assert (sweep / "report.png").stat().st_size > 1000
-
-
-def test_optuna_sweep_runs_three_trials(tmp_path):
-    sweep = tmp_path / "optuna"
-    args = sweep_args(tmp_path, sweep, {}, **{"train.max_steps": 2})
-    out = subprocess.run(
-        [*args, "+sweep=optuna_lr_aux", "hydra.sweeper.n_trials=3"], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert (sweep / "optimization_results.yaml").exists()
-    columns_rows = write_report(sweep)
-    assert len(columns_rows) == 3 and {r["status"] for r in columns_rows} == {"finished"}
 
 
 def test_submitit_local_launcher(tmp_path):
