@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -107,8 +108,6 @@ def _check_storage(cfg: StudyConfig) -> None:
 
 
 def _readable_writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.R_OK | os.W_OK)
 
 
@@ -141,9 +140,9 @@ def open_checked(cfg: StudyConfig, base: list[str]):
 
 def submit_workers(cfg: StudyConfig, args: list[str]) -> None:
     """One submitit job per worker, each running ``moe-sweep`` with one local worker."""
-    import os
-
     import submitit
+
+    from moe.sweep.workers import threads_per_worker
 
     cluster = "local" if cfg.launcher == "submitit_local" else "slurm"
     executor = submitit.AutoExecutor(folder=cfg.sweep_dir / ".submitit" / "%j", cluster=cluster)
@@ -160,8 +159,7 @@ def submit_workers(cfg: StudyConfig, args: list[str]) -> None:
         executor.update_parameters(timeout_min=cfg.slurm.timeout_min)
     keep = [a for a in args if not a.startswith(("optuna.launcher=", "optuna.workers="))]
     command = [sys.executable, "-m", "moe.cli.sweep", *keep, "optuna.launcher=local"]
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // cfg.workers))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_worker(cfg.workers))}
     fn = submitit.helpers.CommandFunction(command, env=env if cluster == "local" else None)
     jobs = [executor.submit(fn) for _ in range(cfg.workers)]
     print(f"{PROGRAM}: submitted {len(jobs)} worker jobs: {' '.join(j.job_id for j in jobs)}")

@@ -33,6 +33,11 @@ CONFIG_DIR = str(resources.files("moe.configs"))
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     job_keys = [key for key in cfg if key != "hydra"]
+    if "optuna" in job_keys:
+        raise ConfigError(
+            "an Optuna sweep file is run by moe-sweep, not moe-train: "
+            "moe-sweep +sweep=<its name> [overrides]"
+        )
     return RunConfig.from_dict(
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, job_keys), resolve=True)
     )

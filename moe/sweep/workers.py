@@ -20,12 +20,17 @@ from .study import finished, retry, retry_stale, slots_left
 from .trial import Outcome, run_trial, trial_command
 
 
+def threads_per_worker(workers: int) -> int:
+    """An equal share of the cores this process may use (``OMP_NUM_THREADS`` if set)."""
+    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    return max(1, cores // workers)
+
+
 def worker_env(slot: int, workers: int) -> dict[str, str]:
     """The environment of worker ``slot``'s trials: an equal share of the CPU cores, and of
     the GPUs when there are at least as many as workers."""
     env = dict(os.environ)
-    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    env["OMP_NUM_THREADS"] = str(threads_per_worker(workers))
     import torch
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -111,9 +111,6 @@ PLAN = {
     "RUN_DIR=runs/ds bash launch/deepspeed.sh my_hostfile parallel.ep=2": Run(),
     "moe-train -m model.moe.num_experts=8,16,32 optim.lr=1e-3,3e-3": Run(),
     "moe-train -m +sweep=equal_active_experts": Run(),
-    "moe-train -m +sweep=optuna_lr_aux hydra.sweeper.n_trials=20": Run(
-        append=f"{SMALL} hydra.sweeper.n_trials=2"
-    ),
     "moe-train -m +launcher=local +sweep=lr_aux": Run(append=f"{SMALL} {TWO_JOBS}"),
     "moe-train -m +launcher=slurm +sweep=lr_aux hydra.launcher.partition=gpu": NotRun(
         "needs a Slurm cluster (submitit submits with sbatch); the same sweep runs with "
@@ -123,6 +120,17 @@ PLAN = {
         append=f"{SMALL} {TWO_JOBS}"
     ),
     "moe-sweep-report multirun/lr": Run(append=""),
+    "moe-sweep +sweep=optuna_lr_aux optuna.n_trials=20 optuna.workers=2": Run(
+        append=f"{SMALL} optuna.n_trials=2"
+    ),
+    "moe-sweep +sweep=optuna_lr_aux optuna.launcher=submitit_local optuna.workers=2 "
+    "optuna.study_name=lr_aux_jobs": Run(append=f"{SMALL} optuna.n_trials=2"),
+    "moe-sweep +sweep=optuna_lr_aux optuna.launcher=submitit_slurm optuna.storage=journal "
+    "optuna.workers=8 optuna.slurm.partition=gpu": NotRun(
+        "needs a Slurm cluster (submitit submits with sbatch); the same worker jobs run with "
+        "optuna.launcher=submitit_local above, journal storage in tests/sweep/test_optuna.py"
+    ),
+    "moe-sweep-report sweeps/lr_aux": Run(append=""),
     "moe-export checkpoint=runs/a out=hf_model format=hf": Run(append=""),
     "moe-export checkpoint=runs/a out=experts format=experts layers=[0,2] experts=[1,5]": Run(
         append=""
@@ -204,9 +212,16 @@ def check_outputs(command: str, root: Path, stdout: str) -> None:
         assert [r for r in read_metrics(root / "runs/a") if r.get("split") == "val"]
     if command.startswith("moe-eval"):
         assert "loss" in json.loads(stdout.strip().splitlines()[-1])
-    if command.startswith("moe-sweep-report"):
+    if command.startswith("moe-sweep-report multirun"):
         for name in ("report.csv", "report.md", "report.png"):
             assert (root / "multirun/lr" / name).stat().st_size > 0
+    if command.startswith("moe-sweep-report sweeps"):
+        assert "Best trial" in stdout
+        for name in ("study.md", "trials.csv", "history.png"):
+            assert (root / "sweeps/lr_aux" / name).stat().st_size > 0
+    if command.startswith("moe-sweep +"):
+        name = "lr_aux_jobs" if "study_name=lr_aux_jobs" in command else "lr_aux"
+        assert "Best trial" in stdout and (root / "sweeps" / name / "trial_0001").is_dir()
     if "format=hf" in command:
         assert (root / "hf_model/config.json").exists()
     if "out=runs/upcycled" in command:

@@ -202,3 +202,10 @@ def test_a_study_is_not_continued_with_other_trial_settings(tmp_path):
     out = subprocess.run(other, capture_output=True, text=True)
     assert out.returncode == 2 and "was started with the trial overrides" in out.stderr
     assert len(stored_trials(sweep)) == 1
+
+
+def test_moe_train_points_an_optuna_sweep_file_to_moe_sweep(tmp_path):
+    command = [sys.executable, "-m", "moe.train", "+sweep=optuna_lr_aux"]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "is run by moe-sweep, not moe-train" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
