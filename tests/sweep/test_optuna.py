@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from moe.sweep.study import finished
+from moe.sweep.study import finished, open_storage
 from tests.train.helpers import small_overrides
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,8 @@ def sweep_command(tmp_path, sweep_dir, *optuna_args, **train):
 
 def stored_trials(sweep_dir):
     meta = json.loads((sweep_dir / "study.json").read_text())
-    return optuna.load_study(study_name=meta["study_name"], storage=meta["storage"]).trials
+    storage = open_storage(meta["storage"])
+    return optuna.load_study(study_name=meta["study_name"], storage=storage).trials
 
 
 def test_killed_sweep_continues_to_exactly_n_trials(tmp_path):
@@ -101,13 +102,14 @@ def test_killed_sweep_continues_to_exactly_n_trials(tmp_path):
 
 
 def test_sigterm_stops_trials_after_a_checkpoint_and_rerun_resumes_them(tmp_path):
-    sweep = tmp_path / "study"
+    sweep = tmp_path / "study"  # journal storage: the file that several nodes can share
     command = sweep_command(
         tmp_path,
         sweep,
         "optuna.n_trials=2",
         "optuna.workers=1",
         "optuna.pruner=none",
+        "optuna.storage=journal",
         **{"train.max_steps": 40},
     )
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -118,6 +120,7 @@ def test_sigterm_stops_trials_after_a_checkpoint_and_rerun_resumes_them(tmp_path
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # what Slurm sends before preempting a job
     assert proc.wait(timeout=120) == 75
+    assert (sweep / "study.journal").stat().st_size > 0 and not (sweep / "study.db").exists()
     assert "run the same command again to continue" in proc.stderr.read()
     first = stored_trials(sweep)
     assert [t.state for t in first] == [TrialState.FAIL, TrialState.WAITING]
