@@ -4,10 +4,10 @@ Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
 Every backend provides:
 - ``gmm(x_NI, w_EIO, offsets_E) -> y_NO``: ``y[g] = x[g] @ w[e]`` for each group g of
-  rows ``offsets[e-1]:offsets[e]``; ``w`` may be a transposed view.
-  Invariant: ``offsets[-1] == N`` (every row belongs to a group; dispatch guarantees it).
+  rows ``offsets[e-1]:offsets[e]``; ``w`` may be a transposed view. Rows past
+  ``offsets[-1]`` (copies dropped by capacity) belong to no group and come out zero.
 - ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``dw[e] = x[g].T @ dy[g]``; an empty
-  group gets zeros.
+  group gets zeros; rows past ``offsets[-1]`` do not count.
 
 Names: ``loop`` (per-expert ``mm``, the reference), ``torch``
 (``torch.nn.functional.grouped_mm``), ``triton`` (our kernels), and ``auto``, which picks
@@ -53,10 +53,20 @@ def _group_pieces(x_NI: Tensor, offsets_E: Tensor) -> list[list[tuple[int, int]]
 
 def loop_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
-    for e, rows in enumerate(_group_pieces(x_NI, offsets_E)):
+    pieces = _group_pieces(x_NI, offsets_E)
+    for e, rows in enumerate(pieces):
         for lo, hi in rows:
             torch.mm(x_NI[lo:hi], w_EIO[e], out=y_NO[lo:hi])
+    y_NO[max((hi for rows in pieces for _, hi in rows), default=0) :].zero_()
     return y_NO
+
+
+def zero_rows_past_groups(y_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    """Zero the rows past ``offsets[-1]`` without reading it on the host."""
+    if offsets_E.shape[0] == 0:
+        return y_NO.zero_()
+    past = torch.arange(y_NO.shape[0], device=y_NO.device) >= offsets_E[-1]
+    return y_NO.masked_fill_(past.unsqueeze(1), 0)
 
 
 def loop_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
@@ -99,7 +109,7 @@ def _require_torch_support(x_NI: Tensor, w_EIO: Tensor) -> None:
 
 def torch_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     _require_torch_support(x_NI, w_EIO)
-    return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    return zero_rows_past_groups(F.grouped_mm(x_NI, w_EIO, offs=offsets_E), offsets_E)
 
 
 def torch_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
@@ -133,7 +143,7 @@ def _triton(x_NI: Tensor):
 
 
 def triton_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
-    return _triton(x_NI).gmm(x_NI, w_EIO, offsets_E)
+    return zero_rows_past_groups(_triton(x_NI).gmm(x_NI, w_EIO, offsets_E), offsets_E)
 
 
 def triton_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:

@@ -9,7 +9,10 @@ concatenation of E groups whose sizes are ``counts_E`` and whose end offsets are
 
 Capacity is a mask on that sorted order, not a padded tensor: within each expert the
 copies are ranked by priority and those ranked at or beyond ``capacity`` are dropped
-(their contribution is zero; the residual connection carries the token).
+(their contribution is zero; the residual connection carries the token). Dropped copies
+move behind the kept ones, past ``offsets_E[-1]``, so the buffer always has T*K rows: no
+size that depends on the routing, no host synchronisation, a static shape for
+``torch.compile``. The grouped GEMM computes no row past ``offsets_E[-1]``.
 
 Priority orders, documented because they decide *which* copies survive:
 - ``"sequence"`` (Switch / GShard): all first choices before all second choices, and
@@ -33,8 +36,8 @@ PRIORITIES = ("sequence", "gate")
 class DispatchPlan:
     """Index maps between token copies and the expert-ordered row buffer.
 
-    row_token_N: token index of each kept row, rows in expert order.
-    row_copy_N:  flat copy index ``t * K + k`` held by each kept row.
+    row_token_N: token index of each row: kept rows in expert order, then dropped ones.
+    row_copy_N:  flat copy index ``t * K + k`` held by each row.
     pos_TK:      row index of each copy, -1 where the copy was dropped.
     counts_E:    kept rows per expert (int64).
     offsets_E:   cumulative end offset of each expert's group (int32, grouped-GEMM layout).
@@ -50,6 +53,7 @@ class DispatchPlan:
 
     @property
     def num_rows(self) -> int:
+        """Rows of the expert-ordered buffer (T*K); the kept ones end at ``offsets_E[-1]``."""
         return self.row_token_N.shape[0]
 
     @property
@@ -112,10 +116,10 @@ def plan_dispatch(
 
     # Candidate order before grouping: copies listed k-major, i.e. (k, t).
     copies = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)
+    experts = ids_TK.t().reshape(-1)
     if priority == "gate":
-        by_gate = torch.sort(gates_TK.reshape(-1)[copies], descending=True, stable=True).indices
-        copies = copies[by_gate]
-    experts = ids_TK.reshape(-1)[copies]
+        by_gate = torch.sort(gates_TK.t().reshape(-1), descending=True, stable=True).indices
+        copies, experts = copies[by_gate], experts[by_gate]
     by_expert = torch.sort(experts, stable=True).indices
     sorted_copies = copies[by_expert]
     sorted_experts = experts[by_expert]
@@ -132,14 +136,18 @@ def plan_dispatch(
             earlier_slots_KE = torch.cumsum(mine_KE, 0) - mine_KE
             rank = rank - earlier_slots_KE[slot, sorted_experts] + ahead_KE[slot, sorted_experts]
         keep = rank < capacity
-        # Boolean indexing syncs with the host; dropless plans never take this branch.
-        sorted_copies = sorted_copies[keep]
-        counts_E = torch.bincount(sorted_experts[keep], minlength=num_experts)
+        counts_E = torch.zeros_like(routed_E).scatter_add_(0, sorted_experts, keep.long())
+        kept_first = torch.sort((~keep).to(torch.uint8), stable=True).indices
+        sorted_copies = sorted_copies[kept_first]
+        dropping = True
     else:
-        counts_E = routed_E
+        counts_E, dropping = routed_E, False
 
-    pos_TK = torch.full((T * K,), -1, dtype=torch.long, device=device)
-    pos_TK[sorted_copies] = torch.arange(sorted_copies.shape[0], device=device)
+    # Each copy's row is the inverse permutation (an argsort rather than a scatter, which
+    # inductor's CPU code generator miscompiles when fused with the index arithmetic).
+    pos_TK = torch.argsort(sorted_copies)
+    if dropping:
+        pos_TK = torch.where(pos_TK < counts_E.sum(), pos_TK, -1)
     return DispatchPlan(
         row_token_N=torch.div(sorted_copies, K, rounding_mode="floor"),
         row_copy_N=sorted_copies,

@@ -7,6 +7,11 @@ expert's matrix. Backward: ``dx = grouped_mm(dy, w^T)`` and ``dw[e] = x[g]^T dy[
 When ``w`` is a transposed view of a contiguous ``[E, O, I]`` weight (the
 ``nn.Linear``/Hugging Face layout), the weight gradient is computed as ``dy^T x`` so that
 it comes out in the parameter's own layout and autograd needs no extra copy.
+
+Both primitives are ``torch.library`` custom ops (``moe::gmm``, ``moe::gmm_wgrad``) with
+fake implementations: ``torch.compile`` sees one opaque node of known output shape and
+traces the layer around it without a graph break, whatever the backend does inside (the
+CPU loop reads the group sizes on the host; that stays inside the op).
 """
 
 from __future__ import annotations
@@ -17,28 +22,48 @@ from torch import Tensor
 from .backends import resolve_backend
 
 
-class GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
-        impl = resolve_backend(backend, x_NI, w_EIO)
-        ctx.impl = impl
-        ctx.save_for_backward(x_NI, w_EIO, offsets_E)
-        return impl.gmm(x_NI, w_EIO, offsets_E)
+@torch.library.custom_op("moe::gmm", mutates_args=())
+def gmm_op(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
+    return resolve_backend(backend, x_NI, w_EIO).gmm(x_NI, w_EIO, offsets_E)
 
-    @staticmethod
-    def backward(ctx, dy_NO: Tensor):
-        x_NI, w_EIO, offsets_E = ctx.saved_tensors
-        impl = ctx.impl
-        dy_NO = dy_NO.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = impl.gmm(dy_NO, w_EIO.transpose(1, 2), offsets_E)
-        if ctx.needs_input_grad[1]:
-            if w_EIO.transpose(1, 2).is_contiguous() and not w_EIO.is_contiguous():
-                dw = impl.gmm_wgrad(dy_NO, x_NI, offsets_E).transpose(1, 2)
-            else:
-                dw = impl.gmm_wgrad(x_NI, dy_NO, offsets_E)
-        return dx, dw, None, None
+
+@gmm_op.register_fake
+def _(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
+    return x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+
+
+@torch.library.custom_op("moe::gmm_wgrad", mutates_args=())
+def gmm_wgrad_op(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
+    impl = resolve_backend(backend, x_NI, dy_NO.unsqueeze(0))
+    return impl.gmm_wgrad(x_NI, dy_NO, offsets_E)
+
+
+@gmm_wgrad_op.register_fake
+def _(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
+    return x_NI.new_empty(offsets_E.shape[0], x_NI.shape[1], dy_NO.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_NI, w_EIO, offsets_E, backend = inputs
+    ctx.save_for_backward(x_NI, w_EIO, offsets_E)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy_NO: Tensor):
+    x_NI, w_EIO, offsets_E = ctx.saved_tensors
+    dy_NO = dy_NO.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = gmm_op(dy_NO, w_EIO.transpose(1, 2), offsets_E, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        if w_EIO.transpose(1, 2).is_contiguous() and not w_EIO.is_contiguous():
+            dw = gmm_wgrad_op(dy_NO, x_NI, offsets_E, ctx.backend).transpose(1, 2)
+        else:
+            dw = gmm_wgrad_op(x_NI, dy_NO, offsets_E, ctx.backend)
+    return dx, dw, None, None
+
+
+gmm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "auto") -> Tensor:
@@ -61,4 +86,5 @@ def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "a
         x_NI, w_EIO = x_NI.to(dtype), w_EIO.to(dtype)
     if x_NI.dtype != w_EIO.dtype:
         raise ValueError(f"grouped_mm operands differ in dtype: {x_NI.dtype} vs {w_EIO.dtype}")
-    return GroupedMM.apply(x_NI, w_EIO, offsets_E.to(torch.int32), backend)
+    resolve_backend(backend, x_NI, w_EIO)  # an unknown name fails here, not inside the op
+    return gmm_op(x_NI, w_EIO, offsets_E.to(torch.int32), backend)

@@ -1,11 +1,13 @@
 """Permute token copies into expert order and unpermute them back, with autograd.
 
-Shape legend: T tokens, K copies per token, N kept rows, D features.
+Shape legend: T tokens, K copies per token, N rows of the plan (T*K; the kept ones first), D
+features.
 
 - ``permute(x_TD, plan) -> x_ND``: row n is ``x[plan.row_token_N[n]]``.
   Backward sums each token's copies: ``dx[t] = sum_k dy[pos[t, k]]``.
 - ``unpermute(y_ND, gates_TK, plan) -> y_TD``: ``y[t] = sum_k gates[t, k] * y[pos[t, k]]``
-  over kept copies. Backward: ``dy[n] = gates[copy(n)] * dout[token(n)]`` and
+  over kept copies; ``y_ND`` holds every row of the plan or only the kept ones (after an
+  all-to-all). Backward: ``dy[n] = gates[copy(n)] * dout[token(n)]`` and
   ``dgates[t, k] = <y[pos[t, k]], dout[t]>`` (0 for a dropped copy).
 
 Both are gathers (no atomics), so results are deterministic on every device.
@@ -60,8 +62,9 @@ class Unpermute(torch.autograd.Function):
         g_TD = g_TD.contiguous()
         dy = dgates = None
         if ctx.needs_input_grad[0]:
-            scale_N = gates_TK.reshape(-1)[plan.row_copy_N]
-            dy = ctx.ops.gather_rows(g_TD, plan.row_token_N, scale_N)
+            n = y_ND.shape[0]  # all T*K rows, or the kept ones after an all-to-all
+            scale_N = gates_TK.reshape(-1)[plan.row_copy_N[:n]]
+            dy = ctx.ops.gather_rows(g_TD, plan.row_token_N[:n], scale_N)
         if ctx.needs_input_grad[1]:
             dgates = row_ops.copy_dot_rows(y_ND, plan.pos_TK, g_TD).to(gates_TK.dtype)
         return dy, dgates, None, None

@@ -78,7 +78,8 @@ class AllToAllDispatcher(LocalDispatcher):
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        received = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        kept_ND = x_ND[: sum(send_splits)]  # dropped copies sit behind the kept ones
+        received = all_to_all(kept_ND, recv_splits, send_splits, self.group)
         # Arrived ordered by (source, expert); the grouped GEMM wants (expert, source):
         # a stable sort of each row's block by its expert-major position.
         blocks = torch.arange(self.ep * L, device=recv_counts.device)

@@ -28,7 +28,10 @@ def test_capacity_keeps_copies_in_sequence_order():
     assert kept_from_plan(plan) == {(0, 0), (1, 0), (2, 0), (4, 0), (0, 1), (1, 1)}
     assert plan.counts_E.tolist() == [2, 2, 2]
     assert plan.routed_E.tolist() == [5, 3, 2]
-    assert plan.row_token_N.tolist() == [0, 1, 2, 0, 4, 1]
+    assert plan.row_token_N.tolist()[:6] == [0, 1, 2, 0, 4, 1]
+    # The four dropped copies follow the kept rows, so the buffer is always T*K rows.
+    assert plan.num_rows == 10 and plan.offsets_E[-1].item() == 6
+    assert sorted(plan.row_copy_N.tolist()[6:]) == [5, 6, 7, 9]  # (2,1), (3,0), (3,1), (4,1)
 
 
 def test_capacity_gate_priority_keeps_highest_gates():
@@ -36,7 +39,8 @@ def test_capacity_gate_priority_keeps_highest_gates():
     gates = torch.tensor([[0.2], [0.9], [0.5], [0.3]])
     plan = plan_dispatch(ids, num_experts=2, capacity=2, gates_TK=gates, priority="gate")
     assert kept_from_plan(plan) == {(1, 0), (2, 0), (3, 0)}
-    assert plan.row_token_N.tolist() == [1, 2, 3]  # highest gate first within expert 0
+    assert plan.row_token_N.tolist()[:3] == [1, 2, 3]  # highest gate first within expert 0
+    assert plan.row_token_N.tolist()[3:] == [0]  # the dropped copy, behind the kept ones
 
 
 @pytest.mark.parametrize("priority", ["sequence", "gate"])
@@ -48,11 +52,15 @@ def test_plan_matches_reference_capacity_rule(priority, T, K, E, cap):
     plan = plan_dispatch(ids, E, cap, gates, priority)
     assert kept_from_plan(plan) == kept_copies(ids, gates, E, cap, priority)
     # Rows are grouped by expert in ascending order and the offsets describe the groups.
-    experts_of_rows = ids.reshape(-1)[plan.row_copy_N]
+    kept = plan.offsets_E[-1].item()
+    assert kept == plan.counts_E.sum().item() == len(kept_from_plan(plan))
+    experts_of_rows = ids.reshape(-1)[plan.row_copy_N[:kept]]
     assert torch.equal(experts_of_rows, torch.sort(experts_of_rows).values)
-    assert plan.offsets_E[-1].item() == plan.num_rows == plan.counts_E.sum().item()
     assert (plan.counts_E <= cap).all()
-    assert torch.equal(plan.pos_TK.reshape(-1)[plan.row_copy_N], torch.arange(plan.num_rows))
+    # Every copy has one row (T*K of them): kept rows know their position, dropped ones -1.
+    assert plan.num_rows == T * K and sorted(plan.row_copy_N.tolist()) == list(range(T * K))
+    assert torch.equal(plan.pos_TK.reshape(-1)[plan.row_copy_N[:kept]], torch.arange(kept))
+    assert (plan.pos_TK.reshape(-1)[plan.row_copy_N[kept:]] == -1).all()
 
 
 @pytest.mark.parametrize("T,K,E,cap,parts", [(40, 2, 4, 9, 4), (33, 3, 5, 7, 3), (12, 1, 3, 2, 2)])
@@ -71,7 +79,7 @@ def test_parts_of_a_batch_keep_what_the_whole_batch_keeps(T, K, E, cap, parts):
         plan = plan_dispatch(chunk, E, cap, priority="sequence", ahead_KE=ahead)
         expected = {(t - i * size, k) for t, k in whole if i * size <= t < (i + 1) * size}
         assert kept_from_plan(plan) == expected
-        assert plan.counts_E.sum().item() == len(expected) == plan.num_rows
+        assert plan.counts_E.sum().item() == len(expected) == plan.offsets_E[-1].item()
 
 
 def test_dropless_keeps_everything_and_capacity_formula():
