@@ -27,7 +27,9 @@ class TrainSection:
     derived and the losses do not depend on it.
     seq_len: tokens per sequence. deterministic: deterministic kernels and a seeded data order
     (bitwise-reproducible on the CPU). dtype: float32, or bfloat16 autocast.
-    checkpointing: activation checkpointing none/full/moe. compile: torch.compile the model.
+    checkpointing: activation checkpointing none/full/moe. compile: torch.compile each
+    transformer block (``moe/train/compile.py``): true, false, or auto (on CUDA; an error
+    while compiling then falls back to eager).
     aux_loss_coef / z_loss_coef: weights of the MoE losses in the total loss.
     grad_clip: max global gradient norm (<= 0: off). log_every: steps between log lines.
     expert_bias_rate: step size of the aux-loss-free expert bias update (used when
@@ -43,7 +45,7 @@ class TrainSection:
     deterministic: bool = False
     dtype: str = "float32"
     checkpointing: str = "none"
-    compile: bool = False
+    compile: bool | str = "auto"
     aux_loss_coef: float = 0.001
     z_loss_coef: float = 0.001
     grad_clip: float = 1.0
@@ -74,6 +76,8 @@ class TrainSection:
             raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.checkpointing not in CHECKPOINTING:
             raise ConfigError(f"train.checkpointing must be one of {CHECKPOINTING}")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            raise ConfigError(f"train.compile must be true, false or auto, got {self.compile!r}")
         if not 0 < self.collapse_threshold <= 1:
             raise ConfigError("train.collapse_threshold must be in (0, 1]")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
@@ -233,7 +237,7 @@ class RunConfig:
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                 f"({self.model.max_seq_len})"
             )
-        if self.train.compile and self.parallel.engine != "native":
+        if self.train.compile is True and self.parallel.engine != "native":
             raise ConfigError("train.compile=true works with parallel.engine=native only")
 
     @classmethod

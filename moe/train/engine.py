@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from moe.parallel import clip_grad_norm_, sync_gradients
 from moe.parallel.world import World
 
+from .compile import compile_blocks
 from .config import RunConfig
 from .faults import NonFiniteGuard
 from .optim import build_optimizer
@@ -31,7 +32,9 @@ class NativeEngine:
         self.model, self.world, self.accumulation = model, world, accumulation
         self.grad_clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.forward_model = torch.compile(model) if cfg.train.compile else model
+        layout = world.layout
+        compile_blocks(model, cfg.train.compile, layout is not None and layout.ep > 1)
+        self.forward_model = model
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()

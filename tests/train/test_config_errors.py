@@ -32,6 +32,7 @@ BAD = [
     (["parallel.engine=fsdp"], "parallel.engine must be native or deepspeed"),
     (["parallel.zero_stage=3"], "parallel.zero_stage must be 1 or 2"),
     (["parallel.engine=deepspeed", "train.compile=true"], "works with parallel.engine=native"),
+    (["train.compile=sometimes"], "train.compile must be true, false or auto"),
     (["+train.bogus=1"], "unknown config key train.bogus"),
     (["train.bogus=1"], "Could not override 'train.bogus'"),
     (["model=nonexistent"], "Could not find 'model/nonexistent'"),

@@ -121,3 +121,26 @@ def test_expert_bias_is_updated_by_the_trainer(tmp_path):
     biases = [b.ffn.router.expert_bias_E for b in trainer.model.blocks if b.is_moe]
     assert biases and all(torch.count_nonzero(b) > 0 for b in biases)
     assert all(torch.all(b.abs() <= 0.03 + 1e-6) for b in biases)  # 3 steps of +-0.01
+
+
+@pytest.mark.slow
+@on_cpu
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """``train.compile=true``: each block compiled (inductor, one graph each) trains with the
+    same losses as eager, and checkpoints keep the eager parameter names."""
+    extra = {"train.max_steps": 4, "eval.every": 4, "checkpoint.every": 4}
+    from torch._dynamo.utils import counters
+
+    losses, graphs = {}, {}
+    for setting in ("false", "true"):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = small_config(tmp_path, **extra, **{"train.compile": setting})
+        run(cfg, tmp_path / setting)
+        losses[setting] = [r["loss"] for r in read_metrics(tmp_path / setting) if "split" not in r]
+        graphs[setting] = counters["stats"]["unique_graphs"]
+    assert graphs["false"] == 0 and graphs["true"] >= cfg.model.n_layers  # one graph a block
+    assert not counters["graph_break"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    model = load_model(tmp_path / "true")  # names without a compile wrapper's prefix
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -1,0 +1,97 @@
+"""``torch.compile`` of the MoE layer and of a whole block: one graph (zero graph breaks,
+``fullgraph=True``), equal to eager in the forward and in every gradient."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from moe.layers import MoEConfig, MoELayer
+from moe.model import ModelConfig
+from moe.model.transformer import Block, rotary_tables
+
+# (capacity factor, priority): dropless, tight Switch capacity, batch-prioritized capacity.
+ROUTINGS = [(0.0, "sequence"), (1.0, "sequence"), (0.75, "gate")]
+
+
+def layer_and_input(capacity_factor, priority, top_k, seed=0):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(
+        num_experts=6,
+        top_k=top_k,
+        d_ff=24,
+        capacity_factor=capacity_factor,
+        capacity_priority=priority,
+    )
+    return MoELayer(16, cfg), torch.randn(3, 10, 16, requires_grad=True)
+
+
+def loss_and_grads(module, x, *args):
+    module.zero_grad()
+    x.grad = None
+    y, aux = module(x, *args)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + aux.aux_loss + aux.z_loss
+    loss.backward()
+    grads = {
+        name.removeprefix("_orig_mod."): p.grad.clone() for name, p in module.named_parameters()
+    }
+    return y.detach(), aux, x.grad.clone(), grads
+
+
+def assert_same(eager, compiled, atol):
+    y, aux, dx, grads = eager
+    y_c, aux_c, dx_c, grads_c = compiled
+    torch.testing.assert_close(y_c, y, atol=atol, rtol=atol)
+    torch.testing.assert_close(aux_c.aux_loss, aux.aux_loss, atol=atol, rtol=atol)
+    assert torch.equal(aux_c.kept_E, aux.kept_E)
+    torch.testing.assert_close(dx_c, dx, atol=atol, rtol=atol)
+    assert grads.keys() == grads_c.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("capacity_factor,priority", ROUTINGS)
+def test_layer_is_one_graph_equal_to_eager(capacity_factor, priority, top_k):
+    layer, x = layer_and_input(capacity_factor, priority, top_k)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    eager = loss_and_grads(layer, x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert_same(eager, loss_and_grads(compiled, x), atol=0)
+    if capacity_factor > 0:
+        assert eager[1].dropped_fraction > 0  # the capacity path was exercised
+
+
+def test_block_is_one_graph_equal_to_eager():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=32,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=32,
+        max_seq_len=16,
+        moe=MoEConfig(num_experts=4, top_k=2, d_ff=16, capacity_factor=1.0),
+    )
+    block = Block(cfg, 0)
+    cos, sin = rotary_tables(16, cfg.head_dim, cfg.rope_theta)
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x, cos, sin)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = loss_and_grads(block, x, cos, sin)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert_same(eager, loss_and_grads(compiled, x, cos, sin), atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capacity_factor,priority", ROUTINGS[:2])
+def test_layer_compiled_by_inductor_matches_eager(capacity_factor, priority):
+    layer, x = layer_and_input(capacity_factor, priority, top_k=2)
+    torch._dynamo.reset()
+    eager = loss_and_grads(layer, x)
+    compiled = torch.compile(layer, fullgraph=True)  # inductor: generated C++ on the CPU
+    assert_same(eager, loss_and_grads(compiled, x), atol=1e-5)
