@@ -54,12 +54,12 @@ def _check_scalar(value: Any, hint: Any, key: str) -> Any:
         if type(None) in allowed:
             return None
         raise ConfigError(f"{key} must not be null")
-    if bool in allowed:
-        if isinstance(value, bool):
+    if isinstance(value, bool):  # a bool is an int to Python, never to a config key
+        if bool in allowed:
             return value
-    elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
+    elif int in allowed and isinstance(value, int):
         return value
-    elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif float in allowed and isinstance(value, (int, float)):
         return float(value)
     elif str in allowed and isinstance(value, str):
         return value
