@@ -95,3 +95,19 @@ def test_layer_compiled_by_inductor_matches_eager(capacity_factor, priority):
     eager = loss_and_grads(layer, x)
     compiled = torch.compile(layer, fullgraph=True)  # inductor: generated C++ on the CPU
     assert_same(eager, loss_and_grads(compiled, x), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU machine)")
+@pytest.mark.parametrize("capacity_factor,priority", ROUTINGS)
+def test_layer_never_waits_for_the_gpu(capacity_factor, priority):
+    """Forward and backward without one device-to-host synchronisation."""
+    layer, x = layer_and_input(capacity_factor, priority, top_k=2)
+    layer, x = layer.cuda().bfloat16(), x.detach().cuda().bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux = layer(x)
+        (y.float().sum() + aux.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
