@@ -29,7 +29,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def model_config(checkpoint: str | Path) -> ModelConfig:
     """The model config a checkpoint was written with (its ``config.json``)."""
-    stored = read_config(resolve_checkpoint(checkpoint))["model"]
+    return stored_model_config(read_config(resolve_checkpoint(checkpoint))["model"])
+
+
+def stored_model_config(stored: dict) -> ModelConfig:
+    """A stored model config, keys of other versions dropped and later defaults filled in."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return from_dict(ModelConfig, {k: v for k, v in stored.items() if k in known}, "model.")
 
@@ -49,7 +53,7 @@ def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
 
 def check_compatible(path: Path, current: ModelConfig) -> None:
     """Refuse a checkpoint of another model shape before loading anything from it."""
-    stored = read_config(path)["model"]
+    stored = dataclasses.asdict(stored_model_config(read_config(path)["model"]))
     mine = dataclasses.asdict(current)
     for key in WEIGHT_SHAPE_FIELDS:
         if stored.get(key) != mine[key]:

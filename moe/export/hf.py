@@ -42,8 +42,10 @@ def check_exportable(cfg: ModelConfig) -> None:
         )
     if moe.activation != "swiglu":
         problems.append(f"model.moe.activation={moe.activation}: Qwen3-MoE experts are SwiGLU")
-    if not cfg.qk_norm:
-        problems.append("model.qk_norm=false: Qwen3-MoE always normalizes queries and keys")
+    if cfg.qk_norm_scope != "head":
+        problems.append(
+            f"model.qk_norm={cfg.qk_norm}: Qwen3-MoE normalizes each head's queries and keys"
+        )
     if problems:
         raise UnsupportedExport("; ".join(problems))
 
@@ -91,7 +93,7 @@ def hf_tensors(model: MoETransformer) -> dict[str, torch.Tensor]:
         table[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             table[p + f"self_attn.{name}.weight"] = getattr(block.attn, name).weight
-        if model.config.qk_norm:  # Llama has none; Qwen3 has them
+        if model.config.qk_norm_scope != "none":  # Llama has none; Qwen3 has them
             table[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
             table[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
         if block.is_moe:

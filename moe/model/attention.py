@@ -27,23 +27,42 @@ def apply_rotary(x_BHSC: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qk_norm: bool, eps: float):
+    """``qk_norm``: "head" normalizes each head's queries and keys (Qwen3), "projection" the
+    whole query and key projections before the heads are split (OLMoE), "none" neither."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qk_norm: str,
+        eps: float,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        head_dim = d_model // n_heads
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        self.q_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.qk_norm = qk_norm
+        q_width, k_width = {
+            "head": (head_dim, head_dim),
+            "projection": (n_heads * head_dim, n_kv_heads * head_dim),
+        }.get(qk_norm, (0, 0))
+        self.q_norm = nn.RMSNorm(q_width, eps=eps) if q_width else nn.Identity()
+        self.k_norm = nn.RMSNorm(k_width, eps=eps) if k_width else nn.Identity()
 
     def forward(self, x_BSD: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
-        q = rearrange(self.q_proj(x_BSD), "b s (h c) -> b h s c", h=self.n_heads)
-        k = rearrange(self.k_proj(x_BSD), "b s (g c) -> b g s c", g=self.n_kv_heads)
+        q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rearrange(q, "b s (h c) -> b h s c", h=self.n_heads)
+        k = rearrange(k, "b s (g c) -> b g s c", g=self.n_kv_heads)
         v = rearrange(self.v_proj(x_BSD), "b s (g c) -> b g s c", g=self.n_kv_heads)
-        q = apply_rotary(self.q_norm(q), cos_SC, sin_SC)
-        k = apply_rotary(self.k_norm(k), cos_SC, sin_SC)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos_SC, sin_SC), apply_rotary(k, cos_SC, sin_SC)
         if self.n_kv_heads != self.n_heads:  # explicit repeat: works on every SDPA backend
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)

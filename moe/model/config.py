@@ -17,6 +17,7 @@ WEIGHT_SHAPE_FIELDS = (
     "moe_every",
     "tie_embeddings",
     "qk_norm",
+    "head_dim",
 )
 MOE_WEIGHT_SHAPE_FIELDS = ("num_experts", "d_ff", "activation", "expert_bias")
 
@@ -36,7 +37,9 @@ class ModelConfig:
         block, 2 = every other block as in Switch; Qwen3-MoE's ``decoder_sparse_step``);
         0 = no MoE at all (the dense baseline).
     moe: the MoE layer's knobs.
-    qk_norm: RMSNorm on each head's queries and keys (Qwen3 style).
+    head_dim: width of one attention head (C); null: ``d_model / n_heads``.
+    qk_norm: RMSNorm of queries and keys: true or "head" (each head's, Qwen3), "projection"
+        (the whole projections before the heads are split, OLMoE), false or "none".
     tie_embeddings: share the input embedding with the output projection.
     rope_theta: rotary position base.
     max_seq_len: longest sequence the rotary table covers.
@@ -52,7 +55,8 @@ class ModelConfig:
     d_ff: int = 256
     moe_every: int = 1
     moe: MoEConfig = field(default_factory=MoEConfig)
-    qk_norm: bool = True
+    qk_norm: bool | str = True
+    head_dim: int | None = None
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -65,20 +69,28 @@ class ModelConfig:
         for name in (*WEIGHT_SHAPE_FIELDS[:6], "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
+                    "or set head_dim"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.qk_norm not in (True, False, "head", "projection", "none"):
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"qk_norm must be true, false, head, projection or none, got {self.qk_norm!r}"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError("d_model / n_heads must be even for rotary positions")
+        if self.head_dim < 1 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
         if self.moe_every < 0:
             raise ValueError(f"moe_every must be >= 0, got {self.moe_every}")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def qk_norm_scope(self) -> str:
+        """``qk_norm`` as one of head, projection, none."""
+        return {True: "head", False: "none"}.get(self.qk_norm, self.qk_norm)
 
     def is_moe_block(self, index: int) -> bool:
         return self.moe_every > 0 and (index + 1) % self.moe_every == 0

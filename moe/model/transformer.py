@@ -38,7 +38,14 @@ class Block(nn.Module):
         super().__init__()
         d = config.d_model
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.attn = Attention(d, config.n_heads, config.n_kv_heads, config.qk_norm, config.norm_eps)
+        self.attn = Attention(
+            d,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+            config.qk_norm_scope,
+            config.norm_eps,
+        )
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = config.is_moe_block(index)
         self.ffn = MoELayer(d, config.moe) if self.is_moe else FeedForward(d, config.d_ff)
