@@ -12,7 +12,7 @@ LEVELS = [
     ["moe.layers"],
     ["moe.model"],
     ["moe.parallel"],
-    ["moe.data", "moe.checkpoint"],
+    ["moe.data", "moe.checkpoint", "moe.hf"],
     ["moe.train"],
     ["moe.export", "moe.sweep"],
     ["moe.cli"],

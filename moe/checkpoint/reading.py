@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from moe.hf import is_hf_directory, read_hf_model
 from moe.model import ModelConfig, MoETransformer
 from moe.model.config import MOE_WEIGHT_SHAPE_FIELDS, WEIGHT_SHAPE_FIELDS
 from moe.typed_config import ConfigError, from_dict
@@ -39,8 +40,11 @@ def stored_model_config(stored: dict) -> ModelConfig:
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MoETransformer:
-    """The model of a checkpoint, in eval mode. ``model(input_ids)`` returns an object with
-    ``.logits`` [B, S, vocab]."""
+    """The model of a checkpoint, or of a Hugging Face directory of a supported family
+    (``moe.hf``), in eval mode. ``model(input_ids)`` returns an object with ``.logits``
+    [B, S, vocab]."""
+    if is_hf_directory(checkpoint):
+        return read_hf_model(checkpoint).to(device).eval()
     path = resolve_checkpoint(checkpoint)
     model = MoETransformer(model_config(path))
     load_checkpoint(path, model)
@@ -48,6 +52,12 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Mo
 
 
 def load_tokenizer(checkpoint: str | Path) -> Tokenizer:
+    """A checkpoint's tokenizer, or a Hugging Face directory's own ``tokenizer.json``."""
+    if is_hf_directory(checkpoint):
+        path = Path(checkpoint) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{checkpoint} has no tokenizer.json (a fast tokenizer)")
+        return Tokenizer.from_file(str(path))
     return Tokenizer.from_file(str(resolve_checkpoint(checkpoint) / "tokenizer.json"))
 
 

@@ -1,0 +1,14 @@
+"""Hugging Face model directories: which open MoE families we represent exactly, and reading
+their configs and weights into our model (``moe.hf.reading``)."""
+
+from .families import FAMILIES, UnsupportedModel, family_of
+from .reading import is_hf_directory, read_hf_config, read_hf_model
+
+__all__ = [
+    "FAMILIES",
+    "UnsupportedModel",
+    "family_of",
+    "is_hf_directory",
+    "read_hf_config",
+    "read_hf_model",
+]

@@ -1,0 +1,91 @@
+"""Reading a Hugging Face model directory of a supported family into our model.
+
+Weights stream tensor by tensor from the safetensors shards (``model.safetensors`` or the
+shards its ``model.safetensors.index.json`` lists): no copy of the checkpoint is held beyond
+the tensor being copied. Every weight of our model must be found, and every weight found
+must be ours: a missing or unexpected tensor, a truncated shard or a shape that disagrees
+is one error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from moe.model import MoETransformer
+
+from .families import UnsupportedModel, family_of, model_config, weight_table
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    """A directory with a Hugging Face ``config.json`` (and not one of our checkpoints)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "complete.json").exists()
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(config.read_text())
+    except ValueError as err:
+        raise UnsupportedModel(f"{config} is not valid JSON ({err})") from None
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = [path / name for name in names]
+    else:
+        shards = [path / "model.safetensors"]
+    if missing := [s.name for s in shards if not s.is_file()]:
+        raise FileNotFoundError(f"{path} lacks the weight file(s) {', '.join(missing)}")
+    return shards
+
+
+@torch.no_grad()
+def read_hf_model(path: str | Path) -> MoETransformer:
+    """Our model holding the weights of the Hugging Face directory ``path``, in eval mode."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    family = family_of(hf, str(path / "config.json"))
+    model = MoETransformer(model_config(hf, str(path / "config.json")))
+    table = weight_table(model, family)
+    for shard in shard_files(path):
+        try:
+            with safe_open(str(shard), framework="pt") as weights:
+                for name in weights.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    _copy(table, name, weights.get_tensor(name), model, shard)
+        except (OSError, SafetensorError) as err:
+            raise UnsupportedModel(f"cannot read {shard}: {err} (truncated or corrupt?)") from None
+    if table:
+        names = sorted(table)
+        raise UnsupportedModel(
+            f"{path} lacks {len(names)} weight(s) of a {family.model_type} model, e.g. "
+            f"{names[0]} (an incomplete download?)"
+        )
+    return model.eval()
+
+
+def _copy(table: dict, name: str, tensor: torch.Tensor, model: MoETransformer, shard: Path):
+    if name == "lm_head.weight" and model.config.tie_embeddings:
+        return  # tied: the embedding holds it
+    target = table.pop(name, None)
+    if target is None:
+        raise UnsupportedModel(
+            f"{shard.name} holds {name}, which a model we can represent does not have "
+            "(an option this family uses that we do not support)"
+        )
+    if target.shape != tensor.shape:
+        raise UnsupportedModel(
+            f"{name}: shape {tuple(tensor.shape)} in {shard.name}, config.json implies "
+            f"{tuple(target.shape)}"
+        )
+    target.copy_(tensor)
