@@ -54,13 +54,40 @@ def validate_overrides(overrides: list[str]) -> None:
     try:
         with initialize_config_dir(CONFIG_DIR, version_base=None):
             composed = compose("train", overrides=overrides, return_hydra_config=True)
-            to_run_config(composed)
+            run_cfg = to_run_config(composed)
             check_writable(Path(composed.hydra.run.dir), "hydra.run.dir")
+            if run_cfg.init_from != "none":
+                check_init_from_overrides(overrides, run_cfg)
     except ConfigError as err:
         fail(str(err))
     except Exception as err:  # Hydra/OmegaConf: unknown key, bad override syntax, ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fail(first)
+
+
+def check_init_from_overrides(overrides: list[str], run_cfg: RunConfig) -> None:
+    """With ``init_from`` the model comes from the source: an override that says otherwise
+    is refused (the training-time MoE keys excepted)."""
+    from moe.train.init_from import TRAINING_TIME_MOE_KEYS, read_source
+
+    source = read_source(run_cfg.init_from)
+    for arg in overrides:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key == "model":
+            raise ConfigError(
+                f"{arg} chooses a model, but init_from={run_cfg.init_from} brings its own; "
+                "drop the model= override"
+            )
+        if not key.startswith("model.") or key.removeprefix("model.moe.") in TRAINING_TIME_MOE_KEYS:
+            continue
+        mine, theirs = run_cfg.model, source.model
+        for part in key.split(".")[1:]:
+            mine, theirs = getattr(mine, part, None), getattr(theirs, part, None)
+        if mine != theirs and key != "model.vocab_size":
+            raise ConfigError(
+                f"{arg} contradicts init_from={run_cfg.init_from}, whose {key} is {theirs}; "
+                "drop the override (the model comes from the source)"
+            )
 
 
 def check_writable(path: Path, key: str) -> None:

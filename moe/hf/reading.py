@@ -50,13 +50,20 @@ def shard_files(path: Path) -> list[Path]:
     return shards
 
 
-@torch.no_grad()
 def read_hf_model(path: str | Path) -> MoETransformer:
     """Our model holding the weights of the Hugging Face directory ``path``, in eval mode."""
     path = Path(path)
-    hf = read_hf_config(path)
-    family = family_of(hf, str(path / "config.json"))
-    model = MoETransformer(model_config(hf, str(path / "config.json")))
+    model = MoETransformer(model_config(read_hf_config(path), str(path / "config.json")))
+    load_hf_weights(model, path)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
+    """Copy the directory's weights into ``model`` (whose config it must imply), one tensor
+    at a time."""
+    path = Path(path)
+    family = family_of(read_hf_config(path), str(path / "config.json"))
     table = weight_table(model, family)
     for shard in shard_files(path):
         try:
@@ -71,7 +78,6 @@ def read_hf_model(path: str | Path) -> MoETransformer:
             f"{path} lacks {len(names)} weight(s) of a {family.model_type} model, e.g. "
             f"{names[0]} (an incomplete download?)"
         )
-    return model.eval()
 
 
 def _copy(table: dict, name: str, tensor: torch.Tensor, model: MoETransformer, shard: Path):

@@ -215,7 +215,10 @@ class ParallelSection:
 @dataclass
 class RunConfig:
     """seed: seeds weights, data order and router jitter. resume: ``none``, ``auto`` (newest
-    complete checkpoint of the run directory) or a checkpoint path. device: auto, cpu or cuda."""
+    complete checkpoint of the run directory) or a checkpoint path. init_from: ``none``, or
+    a Hugging Face model directory of a supported family or one of our checkpoints / run
+    directories whose weights, model shape and tokenizer a new run starts from (step 0,
+    fresh optimizer; ``moe/train/init_from.py``). device: auto, cpu or cuda."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -227,6 +230,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     seed: int = 0
     resume: str = "none"
+    init_from: str = "none"
     device: str = "auto"
 
     def __post_init__(self) -> None:

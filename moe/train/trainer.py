@@ -37,6 +37,7 @@ from .config import RunConfig
 from .engine import build_engine
 from .evaluate import evaluate
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
+from .init_from import load_source_weights, read_source, run_model_config
 from .loss import lm_loss
 from .metrics import MetricsLog, StepStats, truncate_metrics
 from .micro_batch import choose_micro_batch, rank_share
@@ -49,6 +50,9 @@ class Trainer:
         through it)."""
         self.cfg, self.run_dir, self.loss_fn = cfg, run_dir, loss_fn
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.source = read_source(cfg.init_from) if cfg.init_from != "none" else None
+        if self.source is not None:  # its shape decides the layout check below
+            cfg = dataclasses.replace(cfg, model=run_model_config(self.source, cfg.model, 0))
         self.device = pick_device(cfg.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -62,12 +66,20 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
 
-        self.data = build_data(cfg.data, t.seq_len)
+        source = self.source
+        self.data = build_data(cfg.data, t.seq_len, source.tokenizer if source else None)
         vocab = self.data.tokenizer.get_vocab_size()
-        # model.vocab_size always follows the tokenizer.
-        model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        if source is not None:
+            model_cfg = run_model_config(source, cfg.model, vocab)
+        else:  # model.vocab_size follows the tokenizer
+            model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
-        self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
+        model = MoETransformer(cfg.model)
+        if source is not None:
+            load_source_weights(source, model)
+        self.model = shard_model(model, self.world).to(self.device)
+        if source is not None:
+            load_source_weights(source, self.model, self.world, sharded=True)
         self.model.set_checkpointing(t.checkpointing)
         micro = choose_micro_batch(t, self.world.size, self.device, self._trial_step)
         self.cfg = cfg = dataclasses.replace(

@@ -1,0 +1,112 @@
+"""``moe-train init_from=PATH``: a new run from a Hugging Face directory of a supported
+family or from one of our checkpoints; refused overrides are one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe.data.tokenizer import byte_tokenizer
+from moe.train.metrics import read_metrics
+from tests.hf.test_import import COMMON, FAMILIES
+from tests.train.helpers import small_overrides
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+
+def hf_directory(tmp_path, kind):
+    """A tiny random model of ``kind`` with a byte tokenizer of its vocabulary."""
+    config_cls, model_cls, extra = FAMILIES[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{**COMMON, "vocab_size": 256}, **extra)
+    directory = tmp_path / kind
+    getattr(transformers, model_cls)(config).save_pretrained(directory)
+    byte_tokenizer().save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def run_overrides(tmp_path, **extra):
+    """The small-run settings without any model key: the model comes from init_from."""
+    return [o for o in small_overrides(tmp_path, **extra) if not o.startswith("model.")]
+
+
+def train(tmp_path, run_dir, *args, launcher=(sys.executable, "-m", "moe.train"), **extra):
+    command = [*launcher, *run_overrides(tmp_path, **extra), f"hydra.run.dir={run_dir}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def losses(run_dir):
+    return [r["lm_loss"] for r in read_metrics(run_dir) if "split" not in r]
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "olmoe"])
+def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
+    source = hf_directory(tmp_path, kind)
+    run = tmp_path / "run"
+    out = train(tmp_path, run, f"init_from={source}", **{"train.max_steps": 10})
+    assert out.returncode == 0, out.stderr[-3000:]
+    trained = losses(run)
+    assert trained[-1] < trained[0]
+    stored = json.loads((run / "run_config.json").read_text())["model"]
+    hf = json.loads((source / "config.json").read_text())
+    assert stored["d_model"] == hf["hidden_size"] and stored["vocab_size"] == 256
+    assert stored["moe"]["top_k"] == hf["num_experts_per_tok"]
+
+
+def test_two_processes_with_expert_parallelism(tmp_path):
+    source = hf_directory(tmp_path, "qwen3_moe")
+    run = tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    out = train(
+        tmp_path,
+        run,
+        f"init_from={source}",
+        "parallel.ep=2",
+        launcher=(*torchrun, "-m", "moe.train"),
+        **{"train.max_steps": 6},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    trained = losses(run)
+    assert len(trained) == 6 and trained[-1] < trained[0]
+
+
+def test_starting_from_our_checkpoint_keeps_its_quality(tmp_path):
+    first = tmp_path / "first"
+    out = subprocess.run(
+        [sys.executable, "-m", "moe.train", *small_overrides(tmp_path), f"hydra.run.dir={first}"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    second = tmp_path / "second"
+    out = train(tmp_path, second, f"init_from={first}", **{"train.max_steps": 2})
+    assert out.returncode == 0, out.stderr[-3000:]
+    val = lambda run: [r["loss"] for r in read_metrics(run) if r.get("split") == "val"]  # noqa: E731
+    assert val(second)[0] == pytest.approx(val(first)[-1], rel=1e-6)  # step 0 = the source
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.moe.num_experts=8", "contradicts init_from"),
+        ("model=tiny_dense", "brings its own"),
+    ],
+)
+def test_a_contradicting_model_override_is_one_line(tmp_path, override, message):
+    source = hf_directory(tmp_path, "qwen3_moe")
+    out = train(tmp_path, tmp_path / "run", f"init_from={source}", override)
+    assert out.returncode == 2 and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    source = hf_directory(tmp_path, "mixtral")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
+    out = train(tmp_path, tmp_path / "run", f"init_from={source}")
+    assert out.returncode == 2 and "does not match the model" in out.stderr
