@@ -15,16 +15,15 @@ so only the attention path is unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from moe.hf import UnsupportedModel, read_hf_config, read_hf_model
 from moe.layers import MoEConfig
 from moe.model import ModelConfig, MoETransformer
 
-from .hf import UnsupportedExport, from_hf_state_dict
+from .hf import UnsupportedExport
 
 
 def upcycled_config(dense: ModelConfig, moe: MoEConfig, moe_every: int = 1) -> ModelConfig:
@@ -58,44 +57,10 @@ def upcycle(dense: MoETransformer, moe: MoEConfig, moe_every: int = 1) -> MoETra
 
 def dense_from_hf(directory: Path) -> MoETransformer:
     """A dense model of ours holding a Hugging Face Llama or Qwen3 checkpoint's weights."""
-    hf = json.loads((directory / "config.json").read_text())
-    kind = hf.get("model_type")
+    kind = read_hf_config(directory).get("model_type")
     if kind not in ("llama", "qwen3"):
         raise UnsupportedExport(f"model_type {kind!r}: upcycling reads llama or qwen3 models")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", "default"))
-    problems = []
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r} (only default rotary positions)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        problems.append("attention/MLP biases")
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU needs silu)")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
-    if problems:
-        raise UnsupportedExport(f"cannot represent {directory}: " + "; ".join(problems))
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        d_ff=hf["intermediate_size"],
-        moe_every=0,
-        qk_norm=kind == "qwen3",
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-    )
-    state = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
-    if cfg.tie_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model = MoETransformer(cfg)
-    from_hf_state_dict(model, state)
-    return model.eval()
+    try:
+        return read_hf_model(directory)
+    except UnsupportedModel as err:
+        raise UnsupportedExport(f"cannot represent {directory}: {err}") from None

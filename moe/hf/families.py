@@ -89,6 +89,8 @@ def _moe_every(hf: dict[str, Any], family: Family, n_layers: int) -> int:
     step = hf.get("decoder_sparse_step", 1) or 1
     dense = set(hf.get("mlp_only_layers") or [])
     moe_blocks = [i for i in range(n_layers) if (i + 1) % step == 0 and i not in dense]
+    if not moe_blocks:  # every block dense (how a dense model of ours exports)
+        return 0
     if moe_blocks != [i for i in range(n_layers) if (i + 1) % step == 0]:
         raise UnsupportedModel(
             f"mlp_only_layers={sorted(dense)}: a dense block where decoder_sparse_step={step} "
@@ -128,6 +130,7 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hf_family=family.model_type if family.moe_prefix else None,
     )
 
 

@@ -45,6 +45,8 @@ class ModelConfig:
     max_seq_len: longest sequence the rotary table covers.
     norm_eps: RMSNorm epsilon.
     init_std: std of embeddings and the router; projections use ``nn.Linear``'s init.
+    hf_family: the Hugging Face family the weights came from (``init_from``), which
+        ``moe-export format=hf`` writes back; null: Qwen3-MoE.
     """
 
     vocab_size: int = 256
@@ -62,6 +64,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    hf_family: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from moe import load_model
 from moe.data import byte_tokenizer
 from moe.export.experts import export_experts
-from moe.export.hf import UnsupportedExport, export_hf, from_hf_state_dict
+from moe.export.hf import UnsupportedExport, export_hf
 from moe.export.prune import prune_experts
 from moe.export.routing import routing_stats
 from moe.export.upcycle import dense_from_hf, upcycle
@@ -67,12 +67,9 @@ def test_hf_export_matches_our_logits_and_generates(tmp_path, kw):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.decode(tok("def f(x):\n\treturn x").input_ids) == "def f(x):\n\treturn x"
 
-    # Round trip: the exported weights loaded back into a fresh model are identical.
-    back = small_model(**kw)
-    with torch.no_grad():
-        for p in back.parameters():
-            p.zero_()
-    from_hf_state_dict(back, {k: v for k, v in hf.state_dict().items()})
+    # Round trip: the exported directory read back by load_model is the same model.
+    back = load_model(tmp_path / "hf")
+    assert back.config.moe_every == model.config.moe_every
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -124,3 +124,37 @@ def test_bad_directories_are_named(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="lacks the weight file"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_export_writes_the_source_family_back(tmp_path, kind):
+    from moe.data.tokenizer import byte_tokenizer
+    from moe.export.hf import export_hf
+
+    hf = save_tiny(kind, tmp_path / "source")
+    ours = load_model(tmp_path / "source")
+    export_hf(ours, byte_tokenizer(), tmp_path / "exported")
+    config = json.loads((tmp_path / "exported/config.json").read_text())
+    source = json.loads((tmp_path / "source/config.json").read_text())
+    assert config["architectures"] == source["architectures"]
+    assert config["model_type"] == source["model_type"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").float().eval()
+    ids = torch.randint(
+        0, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+    assert back.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_export_to_another_family_is_refused(tmp_path):
+    from moe.data.tokenizer import byte_tokenizer
+    from moe.export.hf import UnsupportedExport, export_hf
+
+    save_tiny("olmoe", tmp_path / "source")
+    ours = load_model(tmp_path / "source")
+    ours.config.hf_family = "qwen3_moe"  # Qwen3-MoE normalizes per head, OLMoE per projection
+    with pytest.raises(UnsupportedExport, match="qk_norm"):
+        export_hf(ours, byte_tokenizer(), tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
