@@ -132,6 +132,12 @@ PLAN = {
     ),
     "moe-sweep-report sweeps/lr_aux": Run(append=""),
     "moe-export checkpoint=runs/a out=hf_model format=hf": Run(append=""),
+    "moe-train init_from=Qwen3-MoE-tiny hydra.run.dir=runs/ft": Run(),
+    "moe-train init_from=Qwen3-MoE-tiny data.path='my_texts/*.jsonl' data.text_field=content "
+    "model.moe.capacity_factor=1.25 hydra.run.dir=runs/ft_capacity": Run(),
+    "torchrun --standalone --nproc_per_node=2 -m moe.train init_from=Qwen3-MoE-tiny "
+    "parallel.ep=2 hydra.run.dir=runs/ft_ep": Run(),
+    "moe-export checkpoint=runs/ft out=hf_ft format=hf": Run(append=""),
     "moe-export checkpoint=runs/a out=experts format=experts layers=[0,2] experts=[1,5]": Run(
         append=""
     ),
@@ -175,7 +181,34 @@ def workspace(tmp_path_factory):
         ]
         (texts / f"part{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "my_hostfile").write_text("localhost slots=2\n")
+    open_moe_model(root / "Qwen3-MoE-tiny")
     return root
+
+
+def open_moe_model(directory: Path) -> None:
+    """What a user downloads from a hub, made here: a tiny random Qwen3-MoE with its
+    tokenizer (a byte tokenizer saved as tokenizer.json)."""
+    import torch
+    import transformers
+
+    from moe.data.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        max_position_embeddings=256,
+    )
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(directory)
+    byte_tokenizer().save(str(directory / "tokenizer.json"))
 
 
 def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -222,8 +255,14 @@ def check_outputs(command: str, root: Path, stdout: str) -> None:
     if command.startswith("moe-sweep +"):
         name = "lr_aux_jobs" if "study_name=lr_aux_jobs" in command else "lr_aux"
         assert "Best trial" in stdout and (root / "sweeps" / name / "trial_0001").is_dir()
-    if "format=hf" in command:
+    if "out=hf_model format=hf" in command:
         assert (root / "hf_model/config.json").exists()
+    if "out=hf_ft format=hf" in command:
+        exported = json.loads((root / "hf_ft/config.json").read_text())
+        assert exported["architectures"] == ["Qwen3MoeForCausalLM"]
+    if "init_from=" in command:
+        run_dir = root / re.search(r"hydra.run.dir=(\S+)", command).group(1)
+        assert json.loads((run_dir / "summary.json").read_text())["params_total"] > 0
     if "out=runs/upcycled" in command:
         assert list((root / "runs/upcycled").rglob("complete.json"))
     for run_dir in re.findall(r"RUN_DIR=(runs/\w+)", command):
