@@ -30,6 +30,11 @@ PROGRAM = "moe-train"
 
 CONFIG_DIR = str(resources.files("moe.configs"))
 
+# Arithmetic the config files interpolate (configs/experiment/expert_scaling.yaml keeps
+# top_k x d_ff fixed while E varies).
+OmegaConf.register_new_resolver("moe.min", lambda *values: min(values), replace=True)
+OmegaConf.register_new_resolver("moe.floordiv", lambda a, b: a // b, replace=True)
+
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     job_keys = [key for key in cfg if key != "hydra"]
