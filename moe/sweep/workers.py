@@ -49,6 +49,7 @@ class Sweep:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     errors: list[BaseException] = field(default_factory=list)
+    bar: tqdm | None = None  # trials finished, over every invocation
 
     def run(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
