@@ -15,11 +15,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from moe.checkpoint import load_checkpoint, load_tokenizer, model_config, resolve_checkpoint
+from moe.checkpoint import load_tokenizer, model_config, resolve_checkpoint
 from moe.hf import is_hf_directory, read_hf_config
 from moe.hf.families import model_config as hf_model_config
-from moe.hf.reading import load_hf_weights
-from moe.model import ModelConfig, MoETransformer
+from moe.model import ModelConfig
 from moe.typed_config import ConfigError
 
 # model.moe keys that only change how the layer trains, not what the weights mean.
@@ -56,12 +55,3 @@ def run_model_config(source: Source, run: ModelConfig, tokenizer_size: int) -> M
         )
     keep = {key: getattr(run.moe, key) for key in TRAINING_TIME_MOE_KEYS}
     return dataclasses.replace(source.model, moe=dataclasses.replace(source.model.moe, **keep))
-
-
-def load_source_weights(source: Source, model: MoETransformer, world=None, sharded=False):
-    """Hugging Face weights stream into the whole model (before it is sharded); our
-    checkpoints load into the sharded model (each rank reads its experts)."""
-    if source.hugging_face and not sharded:
-        load_hf_weights(model, source.path)
-    elif not source.hugging_face and sharded:
-        load_checkpoint(source.path, model, world=world)

@@ -27,6 +27,7 @@ from moe.checkpoint import (
     verify_checkpoint,
 )
 from moe.data import Sampler, build_data
+from moe.hf.reading import load_hf_weights
 from moe.model import MoETransformer
 from moe.parallel.world import pick_device, setup_world, shard_model
 from moe.typed_config import ConfigError
@@ -37,7 +38,7 @@ from .config import RunConfig
 from .engine import build_engine
 from .evaluate import evaluate
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
-from .init_from import load_source_weights, read_source, run_model_config
+from .init_from import read_source, run_model_config
 from .loss import lm_loss
 from .metrics import MetricsLog, StepStats, truncate_metrics
 from .micro_batch import choose_micro_batch, rank_share
@@ -75,11 +76,11 @@ class Trainer:
             model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
         model = MoETransformer(cfg.model)
-        if source is not None:
-            load_source_weights(source, model)
+        if source is not None and source.hugging_face:  # streams into the whole model
+            load_hf_weights(model, source.path)
         self.model = shard_model(model, self.world).to(self.device)
-        if source is not None:
-            load_source_weights(source, self.model, self.world, sharded=True)
+        if source is not None and not source.hugging_face:  # each rank reads its experts
+            load_checkpoint(source.path, self.model, world=self.world)
         self.model.set_checkpointing(t.checkpointing)
         micro = choose_micro_batch(t, self.world.size, self.device, self._trial_step)
         self.cfg = cfg = dataclasses.replace(
