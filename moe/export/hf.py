@@ -52,7 +52,13 @@ def check_exportable(cfg: ModelConfig, family: Family) -> None:
         problems.append(f"model.moe.activation={moe.activation}: {name} experts are SwiGLU")
     if cfg.qk_norm_scope != family.qk_norm:
         problems.append(f"model.qk_norm={cfg.qk_norm}: {name} has qk_norm={family.qk_norm}")
-    if family.model_type != "qwen3_moe" and cfg.moe_every != 1:
+    if has_moe and bool(moe.shared_d_ff) != family.shared_experts:
+        problems.append(f"model.moe.shared_d_ff={moe.shared_d_ff}: {name} shared experts differ")
+    if has_moe and moe.shared_d_ff and not moe.shared_gate:
+        problems.append(f"model.moe.shared_gate=false: {name} gates its shared expert")
+    if cfg.qkv_bias != family.shared_experts:
+        problems.append(f"model.qkv_bias={cfg.qkv_bias}: {name} differs")
+    if family.model_type not in ("qwen3_moe", "qwen2_moe") and cfg.moe_every != 1:
         problems.append(f"model.moe_every={cfg.moe_every}: every {name} block is MoE")
     if family.model_type == "mixtral" and moe.gate_mode != "renormalize":
         problems.append(f"model.moe.gate_mode={moe.gate_mode}: {name} renormalizes its gates")
@@ -77,7 +83,17 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         num_experts_per_tok=cfg.moe.top_k,
     )
-    if family.model_type == "qwen3_moe":
+    if family.model_type == "qwen2_moe":
+        fields.update(
+            decoder_sparse_step=max(cfg.moe_every, 1),
+            moe_intermediate_size=cfg.moe.d_ff,
+            shared_expert_intermediate_size=cfg.moe.shared_d_ff,
+            num_experts=cfg.moe.num_experts,
+            norm_topk_prob=cfg.moe.gate_mode == "renormalize",
+            mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_layers],
+            qkv_bias=True,
+        )
+    elif family.model_type == "qwen3_moe":
         fields.update(
             decoder_sparse_step=max(cfg.moe_every, 1),
             moe_intermediate_size=cfg.moe.d_ff,

@@ -6,7 +6,8 @@ stacked ``w_in_EHD``), so one table serves reading and writing. An option a fami
 our model does not represent is refused by name; nothing is approximated.
 
 Families: ``qwen3_moe`` (per-head QK-norm, softmax top-k, optional renormalized gates, dense
-blocks by ``decoder_sparse_step`` / ``mlp_only_layers``), ``mixtral`` (no QK-norm,
+blocks by ``decoder_sparse_step`` / ``mlp_only_layers``), ``qwen2_moe`` (the same routing, no
+QK-norm, QKV biases, a shared expert behind a sigmoid gate), ``mixtral`` (no QK-norm,
 renormalized top-k gates, ``block_sparse_moe`` with ``w1/w3/w2``), ``olmoe`` (QK-norm over
 the whole projections), and the dense ``llama`` / ``qwen3`` (upcycling sources).
 """
@@ -34,6 +35,7 @@ class Family:
     qk_norm: str  # head | projection | none
     moe_prefix: str | None  # "mlp" or "block_sparse_moe"; None for dense families
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared_experts: bool = False  # Qwen2-MoE: a gated shared expert, QKV biases
     renormalize: Callable[[dict], bool] = lambda hf: bool(hf.get("norm_topk_prob", False))
 
 
@@ -41,6 +43,7 @@ FAMILIES = {
     f.model_type: f
     for f in (
         Family("qwen3_moe", "Qwen3MoeForCausalLM", "head", "mlp"),
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", "none", "mlp", shared_experts=True),
         Family(
             "mixtral",
             "MixtralForCausalLM",
@@ -70,6 +73,7 @@ def _problems(hf: dict[str, Any], family: Family) -> list[str]:
     checks = [
         (rope.get("rope_type", "default") != "default", f"rope type {rope.get('rope_type')!r}"),
         (hf.get("attention_bias") or hf.get("mlp_bias"), "attention or MLP biases"),
+        (not family.shared_experts and hf.get("qkv_bias"), "QKV biases"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}"),
         (hf.get("use_sliding_window") or _sliding(hf), "sliding-window attention"),
         (hf.get("clip_qkv") is not None, f"clip_qkv={hf.get('clip_qkv')}"),
@@ -109,11 +113,14 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     moe = MoEConfig()
     if family.moe_prefix is not None:
         top_k = hf["num_experts_per_tok"]
+        shared = hf.get("shared_expert_intermediate_size", 0) if family.shared_experts else 0
         moe = MoEConfig(
             num_experts=hf.get("num_local_experts") or hf["num_experts"],
             top_k=top_k,
             d_ff=hf.get("moe_intermediate_size") or hf["intermediate_size"],
             gate_mode="renormalize" if family.renormalize(hf) else "switch",
+            shared_d_ff=shared,
+            shared_gate=bool(shared),
         )
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -126,6 +133,7 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         moe_every=_moe_every(hf, family, n_layers),
         moe=moe,
         qk_norm=family.qk_norm,
+        qkv_bias=family.shared_experts and bool(hf.get("qkv_bias", True)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         max_seq_len=hf.get("max_position_embeddings", 2048),
@@ -150,6 +158,9 @@ def weight_table(model: MoETransformer, family: Family) -> dict[str, Tensor]:
         table[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             table[p + f"self_attn.{name}.weight"] = getattr(block.attn, name).weight
+        if cfg.qkv_bias:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                table[p + f"self_attn.{name}.bias"] = getattr(block.attn, name).bias
         if cfg.qk_norm_scope != "none":
             table[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
             table[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
@@ -162,9 +173,20 @@ def weight_table(model: MoETransformer, family: Family) -> dict[str, Tensor]:
                 table[e + f"{gate_name}.weight"] = experts.w_in_EHD[j, :F]
                 table[e + f"{up_name}.weight"] = experts.w_in_EHD[j, F:]
                 table[e + f"{down_name}.weight"] = experts.w_out_EDF[j]
+            if block.ffn.shared is not None:
+                table.update(_swiglu(moe + "shared_expert.", block.ffn.shared))
+            if block.ffn.shared_gate is not None:
+                table[moe + "shared_expert_gate.weight"] = block.ffn.shared_gate.weight
         else:
-            gate, up = block.ffn.w_in.weight.chunk(2, dim=0)
-            table[p + "mlp.gate_proj.weight"] = gate
-            table[p + "mlp.up_proj.weight"] = up
-            table[p + "mlp.down_proj.weight"] = block.ffn.w_out.weight
+            table.update(_swiglu(p + "mlp.", block.ffn))
     return table
+
+
+def _swiglu(prefix: str, ffn) -> dict[str, Tensor]:
+    """A dense SwiGLU FFN's three matrices (our ``w_in`` is gate rows then up rows)."""
+    gate, up = ffn.w_in.weight.chunk(2, dim=0)
+    return {
+        prefix + "gate_proj.weight": gate,
+        prefix + "up_proj.weight": up,
+        prefix + "down_proj.weight": ffn.w_out.weight,
+    }

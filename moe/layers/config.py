@@ -36,6 +36,10 @@ class MoEConfig:
         "sequence" (each sequence on its own, averaged; DeepSeek-V3's sequence-wise loss).
     gate_scale: constant factor on the combine weights (DeepSeek's
         ``routed_scaling_factor``); 1 keeps Switch's formulation exactly.
+    shared_d_ff: width of a shared SwiGLU expert that every token passes through besides
+        its routed ones (Qwen2-MoE, DeepSeek); 0 = none.
+    shared_gate: scale the shared expert's output by ``sigmoid(w_g x)``, a learned
+        per-token gate (Qwen2-MoE's ``shared_expert_gate``).
     backend: grouped GEMM and dispatch kernels: "auto", "loop", "torch" or "triton".
     """
 
@@ -50,6 +54,8 @@ class MoEConfig:
     expert_bias: bool = False
     balance: str = "global"
     gate_scale: float = 1.0
+    shared_d_ff: int = 0
+    shared_gate: bool = False
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -61,6 +67,8 @@ class MoEConfig:
             )
         if self.d_ff < 1:
             raise ValueError(f"d_ff must be >= 1, got {self.d_ff}")
+        if self.shared_d_ff < 0 or (self.shared_gate and not self.shared_d_ff):
+            raise ValueError("shared_d_ff must be >= 0, and > 0 for shared_gate=true")
         if not self.gate_scale > 0:
             raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
         if not 0.0 <= self.jitter < 1.0:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from .config import MoEConfig
 from .dispatcher import LocalDispatcher
 from .experts import GroupedExperts
+from .ffn import FeedForward
 from .router import Router
 
 
@@ -38,7 +40,8 @@ class MoEAux:
 
 
 class MoELayer(nn.Module):
-    """Switch-style MoE FFN. ``forward(x[..., D]) -> (y[..., D], MoEAux)``.
+    """Switch-style MoE FFN, plus an optional shared expert every token passes through.
+    ``forward(x[..., D]) -> (y[..., D], MoEAux)``.
 
     A dropped token copy contributes zero here; the block's residual carries the token.
     """
@@ -51,6 +54,9 @@ class MoELayer(nn.Module):
             config.num_experts, d_model, config.d_ff, config.activation, config.backend
         )
         self.dispatcher = LocalDispatcher(config)
+        # A shared expert is dense: every rank holds it whole, as attention.
+        self.shared = FeedForward(d_model, config.shared_d_ff) if config.shared_d_ff else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if config.shared_gate else None
 
     def forward(self, x: Tensor, load_E: Tensor | None = None) -> tuple[Tensor, MoEAux]:
         """``x``: ``[..., S, D]`` (rows of one sequence consecutive). ``load_E``: token copies
@@ -61,6 +67,11 @@ class MoELayer(nn.Module):
         x_ND, offsets_E, handle = self.dispatcher.dispatch(x_TD, route.ids_TK, route.gates_TK)
         y_ND = self.experts(x_ND, offsets_E)
         y_TD = self.dispatcher.combine(y_ND, route.gates_TK, handle)
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
         kept_E, routed_E = self.dispatcher.routing_counts(handle)
         dropped = (routed_E.sum() - kept_E.sum()) / routed_E.sum().clamp_min(1)
         aux = MoEAux(

@@ -28,7 +28,8 @@ def apply_rotary(x_BHSC: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
 
 class Attention(nn.Module):
     """``qk_norm``: "head" normalizes each head's queries and keys (Qwen3), "projection" the
-    whole query and key projections before the heads are split (OLMoE), "none" neither."""
+    whole query and key projections before the heads are split (OLMoE), "none" neither.
+    ``qkv_bias``: biases on the query, key and value projections (Qwen2)."""
 
     def __init__(
         self,
@@ -38,12 +39,13 @@ class Attention(nn.Module):
         head_dim: int,
         qk_norm: str,
         eps: float,
+        qkv_bias: bool = False,
     ):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.qk_norm = qk_norm
         q_width, k_width = {

@@ -18,8 +18,16 @@ WEIGHT_SHAPE_FIELDS = (
     "tie_embeddings",
     "qk_norm",
     "head_dim",
+    "qkv_bias",
 )
-MOE_WEIGHT_SHAPE_FIELDS = ("num_experts", "d_ff", "activation", "expert_bias")
+MOE_WEIGHT_SHAPE_FIELDS = (
+    "num_experts",
+    "d_ff",
+    "activation",
+    "expert_bias",
+    "shared_d_ff",
+    "shared_gate",
+)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ModelConfig:
     max_seq_len: longest sequence the rotary table covers.
     norm_eps: RMSNorm epsilon.
     init_std: std of embeddings and the router; projections use ``nn.Linear``'s init.
+    qkv_bias: biases on the query, key and value projections (Qwen2).
     hf_family: the Hugging Face family the weights came from (``init_from``), which
         ``moe-export format=hf`` writes back; null: Qwen3-MoE.
     """
@@ -59,6 +68,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     qk_norm: bool | str = True
     head_dim: int | None = None
+    qkv_bias: bool = False
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     max_seq_len: int = 2048

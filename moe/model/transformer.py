@@ -45,6 +45,7 @@ class Block(nn.Module):
             config.head_dim,
             config.qk_norm_scope,
             config.norm_eps,
+            config.qkv_bias,
         )
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = config.is_moe_block(index)

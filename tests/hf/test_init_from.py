@@ -44,7 +44,7 @@ def losses(run_dir):
     return [r["lm_loss"] for r in read_metrics(run_dir) if "split" not in r]
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
 def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
     source = hf_directory(tmp_path, kind)
     run = tmp_path / "run"
@@ -59,7 +59,7 @@ def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
 
 
 def test_two_processes_with_expert_parallelism(tmp_path):
-    source = hf_directory(tmp_path, "qwen3_moe")
+    source = hf_directory(tmp_path, "qwen2_moe")  # a shared expert: dense, on every rank
     run = tmp_path / "run"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     out = train(

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F_
 from moe.kernels import expert_capacity, torch_gmm_supports
 from moe.kernels.backends import triton_available
 
@@ -187,3 +188,33 @@ def test_bfloat16_autocast_keeps_router_in_float32():
     assert aux.aux_loss.dtype == torch.float32
     y32, _ = layer(x)
     torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_expert_matches_the_per_token_reference(gated):
+    """Routed experts plus a shared SwiGLU expert (optionally behind a sigmoid gate, as
+    Qwen2-MoE), float64, forward and every gradient against the per-token loop."""
+    torch.manual_seed(3)
+    T, D, F, S, E, k = 13, 8, 6, 10, 5, 2
+    cfg = MoEConfig(num_experts=E, top_k=k, d_ff=F, shared_d_ff=S, shared_gate=gated)
+    layer = MoELayer(D, cfg).double()
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x)
+    params = dict(layer.named_parameters())
+    x_ref = x.detach().clone().requires_grad_()
+    ref = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+    y_ref, aux_ref, _, _ = reference_moe(
+        x_ref, ref["router.weight_ED"], ref["experts.w_in_EHD"], ref["experts.w_out_EDF"], top_k=k
+    )
+    gate_up = x_ref @ ref["shared.w_in.weight"].t()
+    shared = (F_.silu(gate_up[:, :S]) * gate_up[:, S:]) @ ref["shared.w_out.weight"].t()
+    if gated:
+        shared = shared * torch.sigmoid(x_ref @ ref["shared_gate.weight"].t())
+    y_ref = y_ref + shared
+    torch.testing.assert_close(y, y_ref)
+    probe = torch.randn_like(y)
+    ((y * probe).sum() + aux.aux_loss).backward()
+    ((y_ref * probe).sum() + aux_ref).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, ref[name].grad, msg=name)
