@@ -83,25 +83,18 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         num_experts_per_tok=cfg.moe.top_k,
     )
-    if family.model_type == "qwen2_moe":
-        fields.update(
-            decoder_sparse_step=max(cfg.moe_every, 1),
-            moe_intermediate_size=cfg.moe.d_ff,
-            shared_expert_intermediate_size=cfg.moe.shared_d_ff,
-            num_experts=cfg.moe.num_experts,
-            norm_topk_prob=cfg.moe.gate_mode == "renormalize",
-            mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_layers],
-            qkv_bias=True,
-        )
-    elif family.model_type == "qwen3_moe":
+    if family.model_type in ("qwen2_moe", "qwen3_moe"):
         fields.update(
             decoder_sparse_step=max(cfg.moe_every, 1),
             moe_intermediate_size=cfg.moe.d_ff,
             num_experts=cfg.moe.num_experts,
             norm_topk_prob=cfg.moe.gate_mode == "renormalize",
             mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_layers],
-            attention_bias=False,
         )
+        if family.shared_experts:  # Qwen2-MoE
+            fields.update(shared_expert_intermediate_size=cfg.moe.shared_d_ff, qkv_bias=True)
+        else:
+            fields.update(attention_bias=False)
     elif family.model_type == "mixtral":
         fields.update(intermediate_size=cfg.moe.d_ff, num_local_experts=cfg.moe.num_experts)
     else:  # olmoe
