@@ -6,8 +6,8 @@ import torch
 import torch._dynamo
 
 from moe.layers import MoEConfig, MoELayer
-from moe.model import ModelConfig
 from moe.model.transformer import Block, rotary_tables
+from tests.small_model import small_model_config
 
 # (capacity factor, priority): dropless, tight Switch capacity, batch-prioritized capacity.
 ROUTINGS = [(0.0, "sequence"), (1.0, "sequence"), (0.75, "gate")]
@@ -66,19 +66,10 @@ def test_layer_is_one_graph_equal_to_eager(capacity_factor, priority, top_k):
 
 def test_block_is_one_graph_equal_to_eager():
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=32,
-        d_model=16,
-        n_layers=1,
-        n_heads=2,
-        n_kv_heads=1,
-        d_ff=32,
-        max_seq_len=16,
-        moe=MoEConfig(num_experts=4, top_k=2, d_ff=16, capacity_factor=1.0),
-    )
+    cfg = small_model_config(moe={"num_experts": 4, "top_k": 2, "d_ff": 16, "capacity_factor": 1.0})
     block = Block(cfg, 0)
     cos, sin = rotary_tables(16, cfg.head_dim, cfg.rope_theta)
-    x = torch.randn(2, 16, 16, requires_grad=True)
+    x = torch.randn(2, 16, cfg.d_model, requires_grad=True)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(block)(x, cos, sin)
     assert explained.graph_break_count == 0, explained.break_reasons
