@@ -60,6 +60,18 @@ def kept_copies(ids, gates, num_experts, capacity, priority):
     return kept
 
 
+def choose(scores, bias, top_k, n_group, topk_group):
+    """One token's experts, by plain sorting: the best ``topk_group`` groups (each scored by
+    its two best biased scores), then the best ``top_k`` experts among theirs."""
+    biased = [float(s) + (0.0 if bias is None else float(bias[e])) for e, s in enumerate(scores)]
+    size = len(biased) // n_group
+    groups = [biased[g * size : (g + 1) * size] for g in range(n_group)]
+    group_score = [sum(sorted(members, reverse=True)[:2]) for members in groups]
+    best_groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+    allowed = [e for g in best_groups for e in range(g * size, (g + 1) * size)]
+    return sorted(allowed, key=lambda e: -biased[e])[:top_k]
+
+
 def reference_moe(
     x,
     router_w,
@@ -72,17 +84,31 @@ def reference_moe(
     capacity=None,
     priority="sequence",
     expert_bias=None,
+    score="softmax",
+    n_group=1,
+    topk_group=1,
+    gate_scale=1.0,
 ):
     """Per-token loop MoE. Returns (y, aux_loss, z_loss, kept set)."""
     E = router_w.shape[0]
     T = x.shape[0]
     logits = x @ router_w.t()
-    probs = torch.softmax(logits, dim=-1)
-    scores = probs if expert_bias is None else probs + expert_bias
-    ids = torch.topk(scores.detach(), top_k, dim=-1).indices
-    gates = probs.gather(1, ids)
+    if score == "sigmoid":
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True)
+    else:
+        scores = probs = torch.softmax(logits, dim=-1)
+    ids = torch.tensor(
+        [
+            choose(scores[t].detach(), expert_bias, top_k, n_group, topk_group)
+            for t in range(T)
+        ],
+        dtype=torch.long,
+    ).reshape(T, top_k)
+    gates = scores.gather(1, ids)
     if gate_mode == "renormalize":
         gates = gates / gates.sum(-1, keepdim=True)
+    gates = gates * gate_scale
     kept = kept_copies(ids, gates.detach(), E, capacity, priority)
     rows = []
     for t in range(T):

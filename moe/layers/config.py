@@ -8,6 +8,7 @@ from moe.kernels import BACKENDS, PRIORITIES, expert_capacity
 
 ACTIVATIONS = ("swiglu", "relu", "gelu")
 GATE_MODES = ("switch", "renormalize")
+SCORES = ("softmax", "sigmoid")
 BALANCES = ("global", "micro", "sequence")
 
 
@@ -22,8 +23,14 @@ class MoEConfig:
         <= 0 is dropless (no copy is ever dropped).
     capacity_priority: which copies survive a full expert: "sequence" (Switch; under
         expert or data parallelism over all ranks' tokens) or "gate" (each rank's own).
-    gate_mode: "switch" uses the router probability of the chosen expert as its gate
-        (unnormalized); "renormalize" rescales the top-k probabilities to sum to 1.
+    score: how router logits become expert scores: "softmax" over the experts (Switch) or
+        "sigmoid" of each logit on its own (DeepSeek-V3); gates are the chosen scores.
+    gate_mode: "switch" uses the score of the chosen expert as its gate (unnormalized);
+        "renormalize" rescales the top-k scores to sum to 1.
+    n_group / topk_group: group-limited routing (DeepSeek-V3): the experts form ``n_group``
+        equal groups, each group is ranked by the sum of its two best scores, and a token
+        chooses its top-k among the experts of its ``topk_group`` best groups (under expert
+        parallelism, a group per rank bounds how many ranks a token visits); 1 / 1 = off.
     activation: "swiglu" (default), or "relu"/"gelu" as in the Switch paper.
     jitter: multiplicative noise amplitude on the router input in training (0 = off).
     expert_bias: keep an aux-loss-free balancing bias that shifts expert selection only
@@ -48,7 +55,10 @@ class MoEConfig:
     d_ff: int = 1024
     capacity_factor: float = 0.0
     capacity_priority: str = "sequence"
+    score: str = "softmax"
     gate_mode: str = "switch"
+    n_group: int = 1
+    topk_group: int = 1
     activation: str = "swiglu"
     jitter: float = 0.0
     expert_bias: bool = False
@@ -65,6 +75,17 @@ class MoEConfig:
             raise ValueError(
                 f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}"
             )
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ValueError(
+                f"n_group must divide num_experts ({self.num_experts}), got {self.n_group}"
+            )
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group must be between 1 and n_group, got {self.topk_group}")
+        if self.top_k > self.topk_group * self.num_experts // self.n_group:
+            raise ValueError(
+                f"top_k ({self.top_k}) exceeds the experts of topk_group ({self.topk_group}) "
+                f"groups of {self.num_experts // self.n_group}; raise topk_group"
+            )
         if self.d_ff < 1:
             raise ValueError(f"d_ff must be >= 1, got {self.d_ff}")
         if self.shared_d_ff < 0 or (self.shared_gate and not self.shared_d_ff):
@@ -75,6 +96,7 @@ class MoEConfig:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
         for name, value, allowed in (
             ("capacity_priority", self.capacity_priority, PRIORITIES),
+            ("score", self.score, SCORES),
             ("gate_mode", self.gate_mode, GATE_MODES),
             ("balance", self.balance, BALANCES),
             ("activation", self.activation, ACTIVATIONS),

@@ -1,8 +1,10 @@
-"""Switch-style top-k router.
+"""Top-k router: Switch's softmax scores, or DeepSeek-V3's sigmoid scores with a selection
+bias and group-limited choice.
 
-Shape legend: T tokens, D model dim, E experts, K chosen experts per token.
+Shape legend: T tokens, D model dim, E experts, K chosen experts per token, G expert groups,
+X experts per group.
 
-Logits and softmax are float32 whatever the autocast dtype: routing decisions and the
+Logits and scores are float32 whatever the autocast dtype: routing decisions and the
 auxiliary losses are sensitive to rounding. The router returns plain tensors and owns no
 communication; the expert frequencies of the load-balancing loss come from the tokens it
 was given, or (``balance="global"``) from the global counts its caller passes in.
@@ -28,6 +30,8 @@ class RouterOutput:
 
     ids_TK: chosen experts, best first.
     gates_TK: float32 combine weights of those choices.
+    (Selection uses the scores plus the expert bias, if any, within the best groups if
+    group-limited; the gates are the unbiased scores: ``MoEConfig.score``/``gate_mode``.)
     aux_loss: load-balancing loss ``E * sum_i f_i * P_i``; f_i is the fraction of token
         copies assigned to expert i (before any capacity drop; over which tokens:
         ``MoEConfig.balance``), P_i the mean router probability of i. Equals 1 for
@@ -51,6 +55,8 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.gate_mode = config.gate_mode
+        self.score = config.score
+        self.n_group, self.topk_group = config.n_group, config.topk_group
         self.gate_scale = config.gate_scale
         self.balance = config.balance
         self.jitter = config.jitter
@@ -79,10 +85,14 @@ class Router(nn.Module):
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-            scores_TE = probs_TE if self.expert_bias_E is None else probs_TE + self.expert_bias_E
-            ids_TK = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
-            gates_TK = probs_TE.gather(1, ids_TK)
+            if self.score == "sigmoid":
+                scores_TE = torch.sigmoid(logits_TE)
+                # The balancing loss and the entropy want a distribution over experts.
+                probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+            else:
+                scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+            ids_TK = self._choose(scores_TE.detach())
+            gates_TK = scores_TE.gather(1, ids_TK)
             if self.gate_mode == "renormalize":
                 gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
             if self.gate_scale != 1.0:
@@ -97,6 +107,20 @@ class Router(nn.Module):
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         return RouterOutput(ids_TK, gates_TK, aux_loss, z_loss, routed_E, entropy.detach())
+
+    def _choose(self, scores_TE: Tensor) -> Tensor:
+        """Top-k experts by score plus the selection bias, within each token's ``topk_group``
+        best groups (a group ranks by the sum of its two best biased scores)."""
+        if self.expert_bias_E is not None:
+            scores_TE = scores_TE + self.expert_bias_E
+        if self.n_group > 1:
+            scores_TGX = scores_TE.unflatten(-1, (self.n_group, -1))
+            best_in_group = min(2, scores_TGX.shape[-1])
+            group_TG = scores_TGX.topk(best_in_group, dim=-1).values.sum(-1)
+            chosen_TG = group_TG.topk(self.topk_group, dim=-1).indices
+            keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter(1, chosen_TG, True)
+            scores_TE = scores_TGX.masked_fill(~keep_TG[..., None], float("-inf")).flatten(1)
+        return torch.topk(scores_TE, self.top_k, dim=-1).indices
 
     def _balance_loss(
         self,

@@ -57,8 +57,17 @@ def params_of(layer):
 
 
 def check_against_reference(
-    layer, x, k, capacity_factor, tol, activation="swiglu", gate_mode="switch", priority="sequence"
+    layer,
+    x,
+    k,
+    capacity_factor,
+    tol,
+    activation="swiglu",
+    gate_mode="switch",
+    priority="sequence",
+    **route,
 ):
+    """``route``: the reference's routing options (score, groups, gate scale, bias)."""
     T = x.shape[0]
     E = layer.config.num_experts
     y, aux = layer(x)
@@ -74,6 +83,7 @@ def check_against_reference(
         gate_mode=gate_mode,
         capacity=cap,
         priority=priority,
+        **route,
     )
     torch.testing.assert_close(y.double(), y_ref, **tol)
     assert aux.kept_E.sum().item() == len(kept)
@@ -120,6 +130,42 @@ def test_layer_matches_per_token_reference(backend, shape, k, capacity_factor):
 def test_activations_and_gate_modes(activation, gate_mode):
     layer, x = build("loop", 20, 12, 10, 5, 2, 0.0, torch.float64, activation, gate_mode)
     check_against_reference(layer, x, 2, 0.0, {"rtol": 1e-9, "atol": 1e-9}, activation, gate_mode)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity"])
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (4, 2), (3, 1)])
+@pytest.mark.parametrize("gate_mode", ["switch", "renormalize"])
+def test_sigmoid_group_limited_routing(gate_mode, n_group, topk_group, capacity_factor):
+    """DeepSeek-V3 routing: sigmoid scores, a selection bias, the best groups first, scaled
+    gates; float64 against the per-token reference, forward and every gradient."""
+    torch.manual_seed(n_group + topk_group)
+    E, k = 12, 2
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=k,
+        d_ff=6,
+        score="sigmoid",
+        gate_mode=gate_mode,
+        n_group=n_group,
+        topk_group=topk_group,
+        gate_scale=2.5,
+        expert_bias=True,
+        capacity_factor=capacity_factor,
+        backend="loop",
+    )
+    layer = MoELayer(10, cfg).double()
+    with torch.no_grad():
+        layer.router.expert_bias_E.uniform_(-0.3, 0.3)
+    x = torch.randn(23, 10, dtype=torch.float64, requires_grad=True)
+    route = dict(score="sigmoid", n_group=n_group, topk_group=topk_group, gate_scale=2.5)
+    bias = layer.router.expert_bias_E
+    tol = {"rtol": 1e-9, "atol": 1e-9}
+    check_against_reference(
+        layer, x, k, capacity_factor, tol, gate_mode=gate_mode, expert_bias=bias, **route
+    )
+    if n_group > 1:  # every token's experts lie in at most topk_group groups
+        ids = layer.router(x).ids_TK // (E // n_group)
+        assert all(len(set(row)) <= topk_group for row in ids.tolist())
 
 
 def test_gate_priority_capacity():

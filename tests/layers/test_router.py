@@ -50,6 +50,10 @@ def test_jitter_only_in_training():
         ({"gate_mode": "softmax"}, "gate_mode must be one of"),
         ({"capacity_priority": "random"}, "capacity_priority must be one of"),
         ({"backend": "cutlass"}, "backend must be one of"),
+        ({"score": "relu"}, "score must be one of"),
+        ({"num_experts": 8, "n_group": 3}, "n_group must divide num_experts"),
+        ({"num_experts": 8, "n_group": 4, "topk_group": 5}, "topk_group must be between"),
+        ({"num_experts": 8, "top_k": 3, "n_group": 4}, "raise topk_group"),
     ],
 )
 def test_invalid_config_fails_with_clear_message(kwargs, message):
