@@ -8,7 +8,7 @@ that names the key and says what to change (the command line prints it and exits
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,11 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         key = prefix + name
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, key + ".")
+        elif get_origin(hint) is list:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key} must be a list, got {value!r}")
+            (item,) = get_args(hint)
+            kwargs[name] = [_check_scalar(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         else:
             kwargs[name] = _check_scalar(value, hint, key)
     try:

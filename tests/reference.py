@@ -99,10 +99,7 @@ def reference_moe(
     else:
         scores = probs = torch.softmax(logits, dim=-1)
     ids = torch.tensor(
-        [
-            choose(scores[t].detach(), expert_bias, top_k, n_group, topk_group)
-            for t in range(T)
-        ],
+        [choose(scores[t].detach(), expert_bias, top_k, n_group, topk_group) for t in range(T)],
         dtype=torch.long,
     ).reshape(T, top_k)
     gates = scores.gather(1, ids)

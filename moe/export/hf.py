@@ -5,7 +5,8 @@ The family is the one the weights came from (``model.hf_family``, set by ``init_
 Qwen3-MoE, which represents every model we train from scratch: RMSNorm, half-split rotary
 positions, grouped-query attention with per-head QK-norm, SwiGLU experts, a softmax top-k
 router with plain or renormalized gates, MoE every ``decoder_sparse_step`` blocks and dense
-blocks in ``mlp_only_layers``. Weight names come from ``moe.hf.families`` (the table that
+blocks in ``mlp_only_layers``; DeepSeek-V3 models (latent attention, sigmoid group-limited
+routing) go back to DeepSeek-V3. Weight names come from ``moe.hf.families`` (the table that
 reads them). What the family cannot represent exactly is refused with the option to change,
 before anything is written.
 """
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from moe.hf.families import FAMILIES, Family, weight_table
+from moe.layers import MoEConfig
 from moe.model import ModelConfig, MoETransformer
 
 
@@ -31,39 +33,63 @@ def target_family(cfg: ModelConfig) -> Family:
 
 
 def check_exportable(cfg: ModelConfig, family: Family) -> None:
-    moe, name, has_moe = cfg.moe, family.architecture, cfg.moe_every > 0
+    moe, name, has_moe = cfg.moe, family.architecture, cfg.has_moe
+    deepseek = family.score == "sigmoid"
     problems = []
-    if has_moe and moe.capacity_factor > 0:
+    if has_moe:
+        problems += _routing_problems(moe, family)
+    if moe.activation != "swiglu":
+        problems.append(f"model.moe.activation={moe.activation}: {name} experts are SwiGLU")
+    if cfg.attention != family.attention:
+        problems.append(f"model.attention={cfg.attention}: {name} has {family.attention}")
+    elif cfg.attention == "gqa" and cfg.qk_norm_scope != family.qk_norm:
+        problems.append(f"model.qk_norm={cfg.qk_norm}: {name} has qk_norm={family.qk_norm}")
+    if cfg.attention == "gqa" and cfg.qkv_bias != family.qkv_bias:
+        problems.append(f"model.qkv_bias={cfg.qkv_bias}: {name} has qkv_bias={family.qkv_bias}")
+    moe_blocks = [i for i in range(cfg.n_layers) if cfg.is_moe_block(i)]
+    if family.model_type in ("mixtral", "olmoe") and len(moe_blocks) != cfg.n_layers:
+        problems.append(f"model.moe_every / dense_blocks: every {name} block is MoE")
+    if deepseek and moe_blocks != list(range(cfg.n_layers - len(moe_blocks), cfg.n_layers)):
+        problems.append(f"model.moe_every / dense_blocks: {name} has dense blocks first, then MoE")
+    if problems:
+        raise UnsupportedExport("; ".join(problems))
+
+
+def _routing_problems(moe: MoEConfig, family: Family) -> list[str]:
+    name, deepseek = family.architecture, family.score == "sigmoid"
+    problems = []
+    if moe.capacity_factor > 0:
         problems.append(
             f"model.moe.capacity_factor={moe.capacity_factor} drops tokens, which {name} never "
             "does; train (or fine-tune) with model.moe.capacity_factor=0 (dropless)"
         )
-    if has_moe and moe.expert_bias:
+    if moe.score != family.score:
+        problems.append(f"model.moe.score={moe.score}: {name} has {family.score} scores")
+    if moe.expert_bias != deepseek:
         problems.append(
-            f"model.moe.expert_bias=true shifts expert selection, which {name} cannot express; "
-            "train with model.moe.expert_bias=false"
+            f"model.moe.expert_bias={str(moe.expert_bias).lower()}: {name} "
+            + ("always has" if deepseek else "cannot express")
+            + f" a selection bias; train with model.moe.expert_bias={str(deepseek).lower()}"
         )
-    if has_moe and moe.gate_scale != 1.0:
+    if not deepseek and moe.gate_scale != 1.0:
         problems.append(
             f"model.moe.gate_scale={moe.gate_scale} scales the routed output, which {name} "
             "cannot express; train with model.moe.gate_scale=1"
         )
-    if moe.activation != "swiglu":
-        problems.append(f"model.moe.activation={moe.activation}: {name} experts are SwiGLU")
-    if cfg.qk_norm_scope != family.qk_norm:
-        problems.append(f"model.qk_norm={cfg.qk_norm}: {name} has qk_norm={family.qk_norm}")
-    if has_moe and bool(moe.shared_d_ff) != family.shared_experts:
+    if not deepseek and moe.n_group > 1:
+        problems.append(f"model.moe.n_group={moe.n_group}: {name} has no group-limited routing")
+    if bool(moe.shared_d_ff) != bool(family.shared_expert) and not deepseek:
         problems.append(f"model.moe.shared_d_ff={moe.shared_d_ff}: {name} shared experts differ")
-    if has_moe and moe.shared_d_ff and not moe.shared_gate:
-        problems.append(f"model.moe.shared_gate=false: {name} gates its shared expert")
-    if cfg.qkv_bias != family.shared_experts:
-        problems.append(f"model.qkv_bias={cfg.qkv_bias}: {name} differs")
-    if family.model_type not in ("qwen3_moe", "qwen2_moe") and cfg.moe_every != 1:
-        problems.append(f"model.moe_every={cfg.moe_every}: every {name} block is MoE")
+    if deepseek and moe.shared_d_ff % moe.d_ff:
+        problems.append(
+            f"model.moe.shared_d_ff={moe.shared_d_ff}: {name} shares whole experts "
+            f"(a multiple of model.moe.d_ff={moe.d_ff})"
+        )
+    if moe.shared_d_ff and moe.shared_gate != family.shared_gate:
+        problems.append(f"model.moe.shared_gate={moe.shared_gate}: {name} differs")
     if family.model_type == "mixtral" and moe.gate_mode != "renormalize":
         problems.append(f"model.moe.gate_mode={moe.gate_mode}: {name} renormalizes its gates")
-    if problems:
-        raise UnsupportedExport("; ".join(problems))
+    return problems
 
 
 def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
@@ -83,25 +109,47 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         num_experts_per_tok=cfg.moe.top_k,
     )
+    moe = cfg.moe
     if family.model_type in ("qwen2_moe", "qwen3_moe"):
         fields.update(
             decoder_sparse_step=max(cfg.moe_every, 1),
-            moe_intermediate_size=cfg.moe.d_ff,
-            num_experts=cfg.moe.num_experts,
-            norm_topk_prob=cfg.moe.gate_mode == "renormalize",
+            moe_intermediate_size=moe.d_ff,
+            num_experts=moe.num_experts,
+            norm_topk_prob=moe.gate_mode == "renormalize",
             mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_layers],
         )
-        if family.shared_experts:  # Qwen2-MoE
-            fields.update(shared_expert_intermediate_size=cfg.moe.shared_d_ff, qkv_bias=True)
+        if family.shared_expert:  # Qwen2-MoE
+            fields.update(shared_expert_intermediate_size=moe.shared_d_ff, qkv_bias=True)
         else:
             fields.update(attention_bias=False)
     elif family.model_type == "mixtral":
-        fields.update(intermediate_size=cfg.moe.d_ff, num_local_experts=cfg.moe.num_experts)
+        fields.update(intermediate_size=moe.d_ff, num_local_experts=moe.num_experts)
+    elif family.model_type == "deepseek_v3":
+        mla = cfg.mla
+        del fields["head_dim"]  # the config derives it (the rotary part)
+        fields.update(
+            num_key_value_heads=cfg.n_heads,
+            moe_intermediate_size=moe.d_ff,
+            n_routed_experts=moe.num_experts,
+            n_shared_experts=moe.shared_d_ff // moe.d_ff,
+            routed_scaling_factor=moe.gate_scale,
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
+            norm_topk_prob=moe.gate_mode == "renormalize",
+            first_k_dense_replace=cfg.n_layers - len(moe_layers),
+            q_lora_rank=mla.q_lora_rank or None,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_nope_head_dim=mla.qk_nope_head_dim,
+            qk_rope_head_dim=mla.qk_rope_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_interleave=mla.rope_interleave,
+            attention_bias=False,
+        )
     else:  # olmoe
         fields.update(
-            intermediate_size=cfg.moe.d_ff,
-            num_experts=cfg.moe.num_experts,
-            norm_topk_prob=cfg.moe.gate_mode == "renormalize",
+            intermediate_size=moe.d_ff,
+            num_experts=moe.num_experts,
+            norm_topk_prob=moe.gate_mode == "renormalize",
         )
     return fields
 

@@ -10,6 +10,7 @@ is one error that names it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from moe.model import MoETransformer
 
-from .families import UnsupportedModel, family_of, model_config, weight_table
+from .families import Family, UnsupportedModel, family_of, model_config, weight_table
 
 
 def is_hf_directory(path: str | Path) -> bool:
@@ -69,6 +70,8 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
         try:
             with safe_open(str(shard), framework="pt") as weights:
                 for name in weights.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    if _skipped(name, family, model.config.n_layers):
+                        continue
                     _copy(table, name, weights.get_tensor(name), model, shard)
         except (OSError, SafetensorError) as err:
             raise UnsupportedModel(f"cannot read {shard}: {err} (truncated or corrupt?)") from None
@@ -78,6 +81,13 @@ def load_hf_weights(model: MoETransformer, path: str | Path) -> None:
             f"{path} lacks {len(names)} weight(s) of a {family.model_type} model, e.g. "
             f"{names[0]} (an incomplete download?)"
         )
+
+
+def _skipped(name: str, family: Family, n_layers: int) -> bool:
+    """A layer past the last block that the family's own model skips (DeepSeek-V3's
+    multi-token-prediction layers)."""
+    layer = re.match(r"model\.layers\.(\d+)\.", name)
+    return family.skips_extra_layers and layer is not None and int(layer.group(1)) >= n_layers
 
 
 def _copy(table: dict, name: str, tensor: torch.Tensor, model: MoETransformer, shard: Path):

@@ -19,6 +19,9 @@ WEIGHT_SHAPE_FIELDS = (
     "qk_norm",
     "head_dim",
     "qkv_bias",
+    "dense_blocks",
+    "attention",
+    "mla",
 )
 MOE_WEIGHT_SHAPE_FIELDS = (
     "num_experts",
@@ -28,6 +31,40 @@ MOE_WEIGHT_SHAPE_FIELDS = (
     "shared_d_ff",
     "shared_gate",
 )
+
+
+ATTENTIONS = ("gqa", "mla")
+
+
+@dataclass
+class LatentAttentionConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3; ``model.attention=mla``). Keys and values
+    come from one low-rank latent per token; each head's query and key are a part without
+    positions (``qk_nope_head_dim``) and a rotary part (``qk_rope_head_dim``), the rotary
+    key being one per token, shared by all heads.
+
+    q_lora_rank: rank of the query's low-rank path (down-projection, RMSNorm, up-projection);
+        0 = one full-rank query projection.
+    kv_lora_rank: width of the key/value latent (after its RMSNorm, up-projected per head).
+    qk_nope_head_dim / qk_rope_head_dim: the two parts of a query/key head.
+    v_head_dim: width of a value head.
+    rope_interleave: rotary pairs are adjacent dims (DeepSeek's checkpoints) instead of the
+        two halves of the rotary part.
+    """
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_interleave: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")
+        if self.q_lora_rank < 0 or self.qk_rope_head_dim % 2:
+            raise ValueError("mla.q_lora_rank must be >= 0 and mla.qk_rope_head_dim even")
 
 
 @dataclass
@@ -44,7 +81,14 @@ class ModelConfig:
     moe_every: blocks ``i`` with ``(i + 1) % moe_every == 0`` use an MoE FFN (1 = every
         block, 2 = every other block as in Switch; Qwen3-MoE's ``decoder_sparse_step``);
         0 = no MoE at all (the dense baseline).
+    dense_blocks: indices of blocks that keep the dense FFN whatever ``moe_every`` says
+        (DeepSeek-V3's leading dense blocks, Qwen's ``mlp_only_layers``); with
+        ``moe_every`` any MoE/dense pattern.
     moe: the MoE layer's knobs.
+    attention: "gqa" (grouped-query attention, the keys below) or "mla" (multi-head latent
+        attention, DeepSeek-V3; its shape is ``mla``, and ``n_kv_heads``, ``head_dim``,
+        ``qk_norm`` and ``qkv_bias`` do not apply).
+    mla: the latent attention's shape (``attention=mla``).
     head_dim: width of one attention head (C); null: ``d_model / n_heads``.
     qk_norm: RMSNorm of queries and keys: true or "head" (each head's, Qwen3), "projection"
         (the whole projections before the heads are split, OLMoE), false or "none".
@@ -65,7 +109,10 @@ class ModelConfig:
     n_kv_heads: int = 2
     d_ff: int = 256
     moe_every: int = 1
+    dense_blocks: list[int] = field(default_factory=list)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: str = "gqa"
+    mla: LatentAttentionConfig = field(default_factory=LatentAttentionConfig)
     qk_norm: bool | str = True
     head_dim: int | None = None
     qkv_bias: bool = False
@@ -79,6 +126,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if isinstance(self.mla, dict):
+            self.mla = LatentAttentionConfig(**self.mla)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if any(not 0 <= i < self.n_layers for i in self.dense_blocks):
+            raise ValueError(
+                f"dense_blocks must be block indices in [0, {self.n_layers}), "
+                f"got {self.dense_blocks}"
+            )
         for name in (*WEIGHT_SHAPE_FIELDS[:6], "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -95,7 +151,7 @@ class ModelConfig:
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
-        if self.head_dim < 1 or self.head_dim % 2:
+        if self.attention == "gqa" and (self.head_dim < 1 or self.head_dim % 2):
             raise ValueError(f"head_dim must be even for rotary positions, got {self.head_dim}")
         if self.moe_every < 0:
             raise ValueError(f"moe_every must be >= 0, got {self.moe_every}")
@@ -105,5 +161,15 @@ class ModelConfig:
         """``qk_norm`` as one of head, projection, none."""
         return {True: "head", False: "none"}.get(self.qk_norm, self.qk_norm)
 
+    @property
+    def rotary_dim(self) -> int:
+        """Width of the rotary part of a query/key head."""
+        return self.mla.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
     def is_moe_block(self, index: int) -> bool:
-        return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+        every = self.moe_every > 0 and (index + 1) % self.moe_every == 0
+        return every and index not in self.dense_blocks
+
+    @property
+    def has_moe(self) -> bool:
+        return any(self.is_moe_block(i) for i in range(self.n_layers))

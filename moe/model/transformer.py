@@ -1,4 +1,5 @@
-"""Decoder-only transformer whose FFNs are MoE layers every ``moe_every`` blocks.
+"""Decoder-only transformer whose FFNs are MoE layers every ``moe_every`` blocks (but those in
+``dense_blocks``), with grouped-query or multi-head latent attention.
 
 Shape legend: B batch, S sequence, D model dim, V vocabulary.
 
@@ -18,6 +19,7 @@ from moe.layers import FeedForward, MoEAux, MoELayer
 
 from .attention import Attention, rotary_tables
 from .config import ModelConfig
+from .latent_attention import LatentAttention
 
 CHECKPOINTING = ("none", "full", "moe")
 
@@ -38,15 +40,18 @@ class Block(nn.Module):
         super().__init__()
         d = config.d_model
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
-        self.attn = Attention(
-            d,
-            config.n_heads,
-            config.n_kv_heads,
-            config.head_dim,
-            config.qk_norm_scope,
-            config.norm_eps,
-            config.qkv_bias,
-        )
+        if config.attention == "mla":
+            self.attn = LatentAttention(d, config.n_heads, config.mla)
+        else:
+            self.attn = Attention(
+                d,
+                config.n_heads,
+                config.n_kv_heads,
+                config.head_dim,
+                config.qk_norm_scope,
+                config.norm_eps,
+                config.qkv_bias,
+            )
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.is_moe = config.is_moe_block(index)
         self.ffn = MoELayer(d, config.moe) if self.is_moe else FeedForward(d, config.d_ff)
@@ -80,7 +85,7 @@ class MoETransformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=config.init_std)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(config.max_seq_len, config.head_dim, config.rope_theta)
+        cos, sin = rotary_tables(config.max_seq_len, config.rotary_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpointing = "none"

@@ -1,10 +1,11 @@
 """``init_from=PATH``: a new run that starts from another model's weights.
 
 PATH is a Hugging Face model directory of a family ``moe.hf`` reads (Qwen3-MoE, Qwen2-MoE,
-Mixtral, OLMoE, dense Llama / Qwen3) or one of our checkpoints or run directories. The model's shape
-and routing (every ``model`` key but the training-time ones below) and the tokenizer come
-from PATH; the optimizer starts fresh at step 0. Unlike ``resume``, nothing else is read.
-A preempted run continues with ``resume=auto`` as any other.
+Mixtral, OLMoE, DeepSeek-V3, dense Llama / Qwen3) or one of our checkpoints or run
+directories. The model's shape and routing (every ``model`` key but the training-time ones
+below) and the tokenizer come from PATH; the optimizer starts fresh at step 0. Unlike
+``resume``, nothing else is read. A preempted run continues with ``resume=auto`` as any
+other.
 """
 
 from __future__ import annotations

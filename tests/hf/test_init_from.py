@@ -22,7 +22,7 @@ def hf_directory(tmp_path, kind):
     """A tiny random model of ``kind`` with a byte tokenizer of its vocabulary."""
     config_cls, model_cls, extra = FAMILIES[kind]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**{**COMMON, "vocab_size": 256}, **extra)
+    config = getattr(transformers, config_cls)(**{**COMMON, "vocab_size": 256, **extra})
     directory = tmp_path / kind
     getattr(transformers, model_cls)(config).save_pretrained(directory)
     byte_tokenizer().save(str(directory / "tokenizer.json"))
@@ -44,7 +44,7 @@ def losses(run_dir):
     return [r["lm_loss"] for r in read_metrics(run_dir) if "split" not in r]
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
 def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
     source = hf_directory(tmp_path, kind)
     run = tmp_path / "run"
@@ -58,8 +58,11 @@ def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
     assert stored["moe"]["top_k"] == hf["num_experts_per_tok"]
 
 
-def test_two_processes_with_expert_parallelism(tmp_path):
-    source = hf_directory(tmp_path, "qwen2_moe")  # a shared expert: dense, on every rank
+# Qwen2-MoE: a gated shared expert, dense on every rank; DeepSeek-V3: latent attention,
+# group-limited routing and a selection bias that the trainer updates from global loads.
+@pytest.mark.parametrize("kind", ["qwen2_moe", "deepseek_v3"])
+def test_two_processes_with_expert_parallelism(tmp_path, kind):
+    source = hf_directory(tmp_path, kind)
     run = tmp_path / "run"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     out = train(
