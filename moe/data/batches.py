@@ -17,9 +17,17 @@ from torch import Tensor
 
 from moe.typed_config import ConfigError
 
+IGNORE = -100  # a target the loss skips (F.cross_entropy's default ignore_index)
+
 
 class PackedSequences:
-    def __init__(self, stream: np.ndarray, seq_len: int, name: str):
+    """``trained``: per token of ``stream``, whether the model learns to predict it (chat
+    data: the assistant replies); None: every token. A target that is not trained is
+    ``IGNORE``."""
+
+    def __init__(
+        self, stream: np.ndarray, seq_len: int, name: str, trained: np.ndarray | None = None
+    ):
         count = (len(stream) - 1) // seq_len
         if count < 1:
             raise ConfigError(
@@ -27,14 +35,28 @@ class PackedSequences:
                 f"train.seq_len={seq_len}; add data or lower train.seq_len"
             )
         self.stream = torch.from_numpy(stream[: count * seq_len + 1].astype(np.int64))
+        self.trained = None
+        if trained is not None:
+            self.trained = torch.from_numpy(trained[: count * seq_len + 1].astype(bool))
         self.seq_len = seq_len
         self.count = count
 
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Inputs and targets [B, S] for the given sequence indices."""
         starts = indices.unsqueeze(1) * self.seq_len
-        window = self.stream[starts + torch.arange(self.seq_len + 1)]
-        return window[:, :-1], window[:, 1:]
+        positions = starts + torch.arange(self.seq_len + 1)
+        window = self.stream[positions]
+        targets = window[:, 1:]
+        if self.trained is not None:
+            targets = targets.masked_fill(~self.trained[positions[:, 1:]], IGNORE)
+        return window[:, :-1], targets
+
+    def trained_targets(self, indices: Tensor) -> int:
+        """How many targets of these sequences the loss counts."""
+        if self.trained is None:
+            return len(indices) * self.seq_len
+        starts = indices.unsqueeze(1) * self.seq_len
+        return int(self.trained[starts + torch.arange(1, self.seq_len + 1)].sum())
 
 
 class Sampler:

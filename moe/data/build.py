@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
+from moe.typed_config import ConfigError
+
 from .batches import PackedSequences
+from .chat import chat_template, conversations, tokenize_chats
 from .config import DataSection
-from .corpus import cache_dir, load_texts, source_key, tokenize_to_stream
+from .corpus import cache_dir, load_records, load_texts, source_key, tokenize_to_stream
 from .tokenizer import byte_tokenizer, train_bpe
 
 
@@ -20,12 +25,24 @@ class RunData:
     val: PackedSequences
 
 
-def build_data(data: DataSection, seq_len: int, tokenizer: Tokenizer | None = None) -> RunData:
+def build_data(
+    data: DataSection,
+    seq_len: int,
+    tokenizer: Tokenizer | None = None,
+    model_dir: Path | None = None,
+) -> RunData:
     """Load text, build the tokenizer (or use the given one, e.g. a checkpoint's), tokenize
     (cached) and split off the last ``val_fraction`` of the token stream for validation.
     A BPE tokenizer is trained on the whole text (its vocabulary, not the model, sees the
-    validation part)."""
-    texts = load_texts(data)
+    validation part). ``model_dir``: the Hugging Face source model, whose chat template
+    renders ``format=chat`` data."""
+    chats, template = None, None
+    if data.format == "chat":
+        template = chat_template(data, model_dir)
+        chats = conversations(load_records(data), data.path or data.hub_name or "the data")
+        texts = [template.render(chat) for chat in chats]
+    else:
+        texts = load_texts(data)
     key = source_key(data, texts)
     spec = "byte" if data.tokenizer == "byte" else f"bpe{data.bpe_vocab_size}"
     root = cache_dir(data)
@@ -40,10 +57,23 @@ def build_data(data: DataSection, seq_len: int, tokenizer: Tokenizer | None = No
         tokenizer = train_bpe(texts, data.bpe_vocab_size)
         root.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(tok_path))
-    stream = tokenize_to_stream(texts, tokenizer, root / f"tokens-{key}-{spec}.npy")
+    trained = None
+    if chats is not None:
+        stream, trained = tokenize_chats(chats, tokenizer, template)
+    else:
+        stream = tokenize_to_stream(texts, tokenizer, root / f"tokens-{key}-{spec}.npy")
     cut = int(len(stream) * (1 - data.val_fraction))
+    if trained is not None and not (trained[1:cut].any() and trained[cut + 1 :].any()):
+        raise ConfigError(
+            "data.format=chat: the train or validation split holds no assistant reply to "
+            "train on; add conversations or change data.val_fraction"
+        )
     return RunData(
         tokenizer=tokenizer,
-        train=PackedSequences(stream[:cut], seq_len, "train"),
-        val=PackedSequences(stream[cut:], seq_len, "validation"),
+        train=PackedSequences(stream[:cut], seq_len, "train", _part(trained, None, cut)),
+        val=PackedSequences(stream[cut:], seq_len, "validation", _part(trained, cut, None)),
     )
+
+
+def _part(trained: np.ndarray | None, start: int | None, stop: int | None):
+    return None if trained is None else trained[start:stop]

@@ -11,7 +11,12 @@ from moe.typed_config import ConfigError
 class DataSection:
     """path: local text/jsonl/parquet files (a file, a directory or a glob); None builds the
     embedded corpus from the Python standard library's source files. hub_name: a Hugging Face
-    dataset name (needs a network). text_field: the column holding text in jsonl/parquet.
+    dataset name (needs a network). format: ``text`` (documents, every token trained) or
+    ``chat`` (jsonl/parquet records with ``messages`` or ``prompt``/``response``, rendered with
+    a chat template, the loss on the assistant replies only; ``moe.data.chat``).
+    text_field: the column holding text in jsonl/parquet (``format=text``).
+    chat_template: a Jinja chat template file for ``format=chat``; null: the template of the
+    ``init_from`` Hugging Face model, else a plain ``<|role|>`` one.
     tokenizer: ``byte`` (256 ids) or ``bpe`` (trained locally, saved with the run).
     bpe_vocab_size: BPE vocabulary size. val_fraction: share of tokens held out for eval.
     max_corpus_mb: cap on the embedded corpus. cache_dir: where the corpus is cached
@@ -19,7 +24,9 @@ class DataSection:
 
     path: str | None = None
     hub_name: str | None = None
+    format: str = "text"
     text_field: str = "text"
+    chat_template: str | None = None
     tokenizer: str = "byte"
     bpe_vocab_size: int = 2048
     val_fraction: float = 0.05
@@ -27,6 +34,8 @@ class DataSection:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.format not in ("text", "chat"):
+            raise ConfigError(f"data.format must be text or chat, got {self.format!r}")
         if self.tokenizer not in ("byte", "bpe"):
             raise ConfigError(f"data.tokenizer must be byte or bpe, got {self.tokenizer!r}")
         if not 0 < self.val_fraction < 0.5:

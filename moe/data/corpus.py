@@ -77,22 +77,26 @@ def resolve_files(pattern: str) -> list[str]:
     return files
 
 
-def load_texts(data: DataSection) -> list[str]:
-    """Documents of the configured source, in a fixed order."""
+def load_records(data: DataSection):
+    """The configured source as a ``datasets.Dataset``, in a fixed order."""
     import datasets
 
     datasets.disable_progress_bars()
     if data.hub_name:
-        ds = datasets.load_dataset(data.hub_name, split="train")
-    else:
-        files = resolve_files(data.path) if data.path else [str(embedded_corpus(data))]
-        builder = BUILDERS[Path(files[0]).suffix]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
-        except Exception as err:  # malformed json/parquet, undecodable text
-            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"cannot read data.path {data.path}: {first_line}") from None
+        return datasets.load_dataset(data.hub_name, split="train")
+    files = resolve_files(data.path) if data.path else [str(embedded_corpus(data))]
+    builder = BUILDERS[Path(files[0]).suffix]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    except Exception as err:  # malformed json/parquet, undecodable text
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"cannot read data.path {data.path}: {first_line}") from None
+
+
+def load_texts(data: DataSection) -> list[str]:
+    """Documents of the configured source, in a fixed order."""
+    ds = load_records(data)
     if data.text_field not in ds.column_names:
         raise ConfigError(
             f"data.text_field {data.text_field!r} is not a column; columns: {ds.column_names}"

@@ -68,7 +68,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         source = self.source
-        self.data = build_data(cfg.data, t.seq_len, source.tokenizer if source else None)
+        self.data = build_data(
+            cfg.data,
+            t.seq_len,
+            source.tokenizer if source else None,
+            source.path if source and source.hugging_face else None,
+        )
         vocab = self.data.tokenizer.get_vocab_size()
         if source is not None:
             model_cfg = run_model_config(source, cfg.model, vocab)
@@ -158,9 +163,15 @@ class Trainer:
         self.position += t.global_batch_size
         stats = StepStats()
         step_loads = self.step_loads.on(self.device)
+        trained = self.data.train.trained_targets(indices)
+        share = None  # text: every target trained, each micro-batch takes its own mean
+        if self.data.train.trained is not None:  # chat: one mean over the global batch
+            share = trained / (self.accumulation * self.world.size)
         for micro in indices.split(t.micro_batch_size * self.world.size):
             batch = self.data.train.batch(self.world.my_rows(micro))
-            ce, out = self.loss_fn(self.engine.forward_model, *batch, cfg, self.device, step_loads)
+            ce, out = self.loss_fn(
+                self.engine.forward_model, *batch, cfg, self.device, step_loads, share
+            )
             loss = ce + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
             self.engine.backward(loss)
             stats.add(loss, ce, out)
@@ -177,6 +188,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped_steps": self.nonfinite.skipped,
+            "trained_tokens": trained,
         }
         if loads is not None:
             record["max_expert_load"] = max((l.max() / l.float().mean()).item() for l in loads)
@@ -203,6 +215,12 @@ class Trainer:
                 f"micro-batch {t.micro_batch_size} per rank x {self.accumulation} accumulation "
                 f"= global batch {t.global_batch_size}; run dir {self.run_dir}"
             )
+            if (train := self.data.train).trained is not None:
+                replies, total = int(train.trained.sum()), len(train.stream)
+                tqdm.write(
+                    f"moe-train: chat data, {replies:,} of {total:,} training tokens are "
+                    f"assistant replies ({replies / total:.1%}), the only ones trained"
+                )
         first_val = None
         if self.resumed_from is None:  # a resumed run already logged its earlier evaluations
             first_val = evaluate(self.model, self.data.val, cfg, self.device, self.world)
@@ -216,6 +234,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         last_val, record, started, steps_done = first_val, {}, time.perf_counter(), 0
+        trained_this_run = 0
         self.preemption.install()
         try:
             while self.step < t.max_steps:
@@ -223,6 +242,7 @@ class Trainer:
                 record, loads = self.train_step()
                 seconds = time.perf_counter() - tick
                 steps_done += 1
+                trained_this_run += record["trained_tokens"]
                 record["tokens_per_s"] = tokens_per_step / seconds
                 record["tflops"] = flops_per_token * tokens_per_step / seconds / 1e12
                 bar.update(1)
@@ -259,6 +279,7 @@ class Trainer:
             "val_loss_start": first_val,
             "val_loss": last_val,
             "tokens_per_s": steps_done * tokens_per_step / elapsed if steps_done else None,
+            "trained_tokens_this_run": trained_this_run,
             "skipped_steps": self.nonfinite.skipped,
             "micro_batch_size": t.micro_batch_size,
             "accumulation": self.accumulation,
