@@ -113,3 +113,41 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     (source / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
     out = train(tmp_path, tmp_path / "run", f"init_from={source}")
     assert out.returncode == 2 and "does not match the model" in out.stderr
+
+
+def test_chat_fine_tuning_renders_with_the_model_chat_template(tmp_path):
+    """``data.format=chat`` on an imported model: its ``tokenizer_config.json`` template
+    (ChatML with two special tokens) renders the data, the run lowers the reply loss, and a
+    record without the chat fields is one line, exit 2."""
+    from moe.data import DataSection, build_data
+    from tests.data.test_chat import CHATML, write_chats
+
+    config_cls, model_cls, extra = FAMILIES["qwen3_moe"]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{**COMMON, "vocab_size": 258, **extra})
+    source = tmp_path / "chat_model"
+    getattr(transformers, model_cls)(config).save_pretrained(source)
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tokenizer.save(str(source / "tokenizer.json"))
+    settings = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    chats = write_chats(tmp_path / "chat.jsonl", n=300)
+
+    data = DataSection(path=str(chats), format="chat", cache_dir=str(tmp_path / "cache"))
+    stream = build_data(data, 16, tokenizer, model_dir=source).train.stream
+    assert (stream == tokenizer.token_to_id("<|im_start|>")).sum() > 0
+
+    run = tmp_path / "run"
+    args = [f"init_from={source}", f"data.path={chats}", "data.format=chat", "optim.lr=3e-3"]
+    out = train(tmp_path, run, *args, **{"train.max_steps": 20})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "assistant replies" in out.stdout + out.stderr
+    val = [r["loss"] for r in read_metrics(run) if r.get("split") == "val"]
+    assert val[-1] < val[0]
+
+    (tmp_path / "bad.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    args = [f"init_from={source}", f"data.path={tmp_path / 'bad.jsonl'}", "data.format=chat"]
+    out = train(tmp_path, tmp_path / "bad_run", *args)
+    assert out.returncode == 2 and "'prompt' and 'response'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
