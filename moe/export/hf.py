@@ -156,6 +156,11 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
 
 def to_hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
     table = weight_table(model, target_family(model.config))
+    if any(t is None for t in table.values()):
+        raise UnsupportedExport(
+            "this model holds a slice of the experts (expert parallelism); export its "
+            "checkpoint, which moe-export reads whole"
+        )
     return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in table.items()}
 
 

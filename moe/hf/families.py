@@ -201,8 +201,9 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     )
 
 
-def weight_table(model: MoETransformer, family: Family) -> dict[str, Tensor]:
-    """The family's weight name -> a view of our tensor that holds it."""
+def weight_table(model: MoETransformer, family: Family) -> dict[str, Tensor | None]:
+    """The family's weight name -> a view of our tensor that holds it; None for the experts
+    of another expert-parallel rank."""
     cfg = model.config
     table = {
         "model.embed_tokens.weight": model.embed.weight,
@@ -223,10 +224,11 @@ def weight_table(model: MoETransformer, family: Family) -> dict[str, Tensor]:
             if cfg.moe.expert_bias:
                 table[moe + "gate.e_score_correction_bias"] = block.ffn.router.expert_bias_E
             for j in range(cfg.moe.num_experts):
-                e = f"{moe}experts.{j}."
-                table[e + f"{gate_name}.weight"] = experts.w_in_EHD[j, :F]
-                table[e + f"{up_name}.weight"] = experts.w_in_EHD[j, F:]
-                table[e + f"{down_name}.weight"] = experts.w_out_EDF[j]
+                e, local = f"{moe}experts.{j}.", j - experts.first_expert
+                held = 0 <= local < experts.num_experts  # under expert parallelism, a slice
+                table[e + f"{gate_name}.weight"] = experts.w_in_EHD[local, :F] if held else None
+                table[e + f"{up_name}.weight"] = experts.w_in_EHD[local, F:] if held else None
+                table[e + f"{down_name}.weight"] = experts.w_out_EDF[local] if held else None
             if block.ffn.shared is not None:
                 table.update(_swiglu(f"{moe}{family.shared_expert}.", block.ffn.shared))
             if block.ffn.shared_gate is not None:

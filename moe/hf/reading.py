@@ -2,7 +2,8 @@
 
 Weights stream tensor by tensor from the safetensors shards (``model.safetensors`` or the
 shards its ``model.safetensors.index.json`` lists): no copy of the checkpoint is held beyond
-the tensor being copied. Every weight of our model must be found, and every weight found
+the tensor being copied, and under expert parallelism each process allocates and reads only
+its own experts. Every weight of our model must be found, and every weight found
 must be ours: a missing or unexpected tensor, a truncated shard or a shape that disagrees
 is one error that names it.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moe.model import MoETransformer
+from moe.model import ModelConfig, MoETransformer
 
 from .families import Family, UnsupportedModel, family_of, model_config, weight_table
 
@@ -54,9 +56,30 @@ def shard_files(path: Path) -> list[Path]:
 def read_hf_model(path: str | Path) -> MoETransformer:
     """Our model holding the weights of the Hugging Face directory ``path``, in eval mode."""
     path = Path(path)
-    model = MoETransformer(model_config(read_hf_config(path), str(path / "config.json")))
+    config = model_config(read_hf_config(path), str(path / "config.json"))
+    return build_from_hf(config, path).eval()
+
+
+def build_from_hf(
+    config: ModelConfig,
+    path: str | Path,
+    shard: Callable[[MoETransformer], MoETransformer] = lambda model: model,
+) -> MoETransformer:
+    """Our model of ``config`` (which the directory's ``config.json`` implies) holding the
+    directory's weights, cut by ``shard`` (expert parallelism: this rank's experts). It is
+    built on the meta device and allocated after ``shard``, so a process holds only what it
+    keeps, never the whole model."""
+    with torch.device("meta"):
+        model = shard(MoETransformer(config))
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty allocates the tied weight twice; tie it again
+        model.lm_head.weight = model.embed.weight
+    with torch.no_grad():
+        for buffer in model.buffers():  # expert biases: read below where the family has them
+            buffer.zero_()
+    model.reset_rotary_tables()
     load_hf_weights(model, path)
-    return model.eval()
+    return model
 
 
 @torch.no_grad()
@@ -93,6 +116,9 @@ def _skipped(name: str, family: Family, n_layers: int) -> bool:
 def _copy(table: dict, name: str, tensor: torch.Tensor, model: MoETransformer, shard: Path):
     if name == "lm_head.weight" and model.config.tie_embeddings:
         return  # tied: the embedding holds it
+    if name in table and table[name] is None:
+        del table[name]  # an expert another rank holds
+        return
     target = table.pop(name, None)
     if target is None:
         raise UnsupportedModel(

@@ -36,6 +36,8 @@ class GroupedExperts(nn.Module):
         self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         init_projection_(self.w_in_EHD, fan_in=d_model)
         init_projection_(self.w_out_EDF, fan_in=d_ff)
+        # The layer's index of this module's first expert (expert parallelism keeps a slice).
+        self.first_expert = 0
 
     @property
     def num_experts(self) -> int:

@@ -85,10 +85,17 @@ class MoETransformer(nn.Module):
         nn.init.normal_(self.embed.weight, std=config.init_std)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(config.max_seq_len, config.rotary_dim, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.reset_rotary_tables()
         self.checkpointing = "none"
+
+    def reset_rotary_tables(self) -> None:
+        """(Re)compute the rotary cos/sin tables, e.g. after ``to_empty``."""
+        cfg = self.config
+        device = self.embed.weight.device
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.rotary_dim, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def set_checkpointing(self, mode: str) -> None:
         """Activation checkpointing: ``none``, ``full`` (whole blocks) or ``moe`` (MoE FFNs)."""

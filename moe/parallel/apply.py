@@ -32,6 +32,7 @@ def parallelize_experts(model: nn.Module, layout: ParallelLayout) -> nn.Module:
         experts = layer.experts
         experts.w_in_EHD = nn.Parameter(experts.w_in_EHD[first : first + local].clone())
         experts.w_out_EDF = nn.Parameter(experts.w_out_EDF[first : first + local].clone())
+        experts.first_expert = first
         layer.dispatcher = AllToAllDispatcher(layer.config, layout)
     return model
 

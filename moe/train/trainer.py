@@ -27,7 +27,7 @@ from moe.checkpoint import (
     verify_checkpoint,
 )
 from moe.data import Sampler, build_data
-from moe.hf.reading import load_hf_weights
+from moe.hf.reading import build_from_hf
 from moe.model import MoETransformer
 from moe.parallel.world import pick_device, setup_world, shard_model
 from moe.typed_config import ConfigError
@@ -80,10 +80,11 @@ class Trainer:
         else:  # model.vocab_size follows the tokenizer
             model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
-        model = MoETransformer(cfg.model)
-        if source is not None and source.hugging_face:  # streams into the whole model
-            load_hf_weights(model, source.path)
-        self.model = shard_model(model, self.world).to(self.device)
+        if source is not None and source.hugging_face:  # each rank reads only its experts
+            shard = lambda model: shard_model(model, self.world)  # noqa: E731
+            self.model = build_from_hf(cfg.model, source.path, shard).to(self.device)
+        else:
+            self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
         if source is not None and not source.hugging_face:  # each rank reads its experts
             load_checkpoint(source.path, self.model, world=self.world)
         self.model.set_checkpointing(t.checkpointing)

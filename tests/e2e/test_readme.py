@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from moe.train.metrics import read_metrics
+from tests.data.test_chat import write_chats
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = "train.max_steps=4 eval.every=2 eval.batches=1 checkpoint.every=2 logger.progress_bar=false"
@@ -47,6 +48,11 @@ class NotRun:
     why: str
 
 
+QWEN_30B = (  # the fine-tuning options of the README's Qwen3-30B-A3B commands
+    "parallel.engine=deepspeed parallel.zero_stage=2 train.dtype=bfloat16 "
+    "train.checkpointing=full train.seq_len=4096 train.global_batch_size=64 "
+    "train.micro_batch_size=1 data.path=my_chats.jsonl data.format=chat optim.lr=1e-5"
+)
 INSTALLED = "the install is .ci/run's first step; this suite runs in the environment it made"
 PLAN = {
     'pip install -e ".[dev]" && moe-train': StandIn(f"moe-train {SMALL}", INSTALLED),
@@ -137,6 +143,21 @@ PLAN = {
     "model.moe.capacity_factor=1.25 hydra.run.dir=runs/ft_capacity": Run(),
     "torchrun --standalone --nproc_per_node=2 -m moe.train init_from=Qwen3-MoE-tiny "
     "parallel.ep=2 hydra.run.dir=runs/ft_ep": Run(),
+    "moe-train init_from=Qwen3-MoE-tiny data.path=my_chats.jsonl data.format=chat "
+    "hydra.run.dir=runs/ft_chat": Run(),
+    "torchrun --standalone --nproc_per_node=8 -m moe.train init_from=Qwen3-30B-A3B parallel.ep=8 "
+    f"{QWEN_30B} hydra.run.dir=runs/qwen3_30b": StandIn(
+        "torchrun --standalone --nproc_per_node=2 -m moe.train init_from=Qwen3-MoE-tiny "
+        f"{QWEN_30B.replace('seq_len=4096', 'seq_len=128')} parallel.ep=2 "
+        f"hydra.run.dir=runs/qwen3_30b {SMALL}",
+        "8 GPUs and a 61 GB checkpoint: the same options, 2 CPU processes, the tiny Qwen3-MoE",
+    ),
+    "MASTER_ADDR=node0 NNODES=2 RUN_DIR=/shared/runs/qwen3_30b bash launch/torchrun_multi_node.sh "
+    f"8 init_from=Qwen3-30B-A3B parallel.ep=16 {QWEN_30B}": NotRun(
+        "two nodes of GPUs; the command above runs the same options, and the same script "
+        "runs as one node of 2 processes in this suite (MASTER_ADDR=127.0.0.1 NNODES=1)"
+    ),
+    "moe-export checkpoint=runs/qwen3_30b out=qwen3_30b_ft format=hf": Run(append=""),
     "moe-export checkpoint=runs/ft out=hf_ft format=hf": Run(append=""),
     "moe-export checkpoint=runs/a out=experts format=experts layers=[0,2] experts=[1,5]": Run(
         append=""
@@ -181,6 +202,7 @@ def workspace(tmp_path_factory):
         ]
         (texts / f"part{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "my_hostfile").write_text("localhost slots=2\n")
+    write_chats(root / "my_chats.jsonl", n=200)
     open_moe_model(root / "Qwen3-MoE-tiny")
     return root
 

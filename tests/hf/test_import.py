@@ -260,3 +260,31 @@ def test_export_to_another_family_is_refused(tmp_path):
     with pytest.raises(UnsupportedExport, match="qk_norm"):
         export_hf(ours, byte_tokenizer(), tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+def test_each_expert_parallel_rank_allocates_and_reads_only_its_experts(tmp_path):
+    """``build_from_hf`` with the expert-parallel cut of rank r of 2: the model is built on
+    the meta device, so the rank allocates half the experts, and they equal the whole
+    model's rows r*E/2 .. (r+1)*E/2 - 1; every other weight equals the whole model's."""
+    from moe.hf.reading import build_from_hf
+    from moe.parallel.apply import parallelize_experts
+    from moe.parallel.layout import ParallelLayout
+
+    save_tiny("deepseek_v3", tmp_path)
+    whole = load_model(tmp_path)
+    E = whole.config.moe.num_experts
+    for rank in range(2):
+        layout = ParallelLayout(world=2, rank=rank, ep=2, ep_group=None, expert_dp_group=None)
+        part = build_from_hf(
+            whole.config, tmp_path, lambda m, lo=layout: parallelize_experts(m, lo)
+        )
+        mine, theirs = part.state_dict(), whole.state_dict()
+        assert mine.keys() == theirs.keys()
+        for name, tensor in mine.items():
+            if "experts.w_" in name:
+                assert tensor.shape[0] == E // 2
+                expected = theirs[name][rank * E // 2 : (rank + 1) * E // 2]
+            else:
+                expected = theirs[name]
+            assert torch.equal(tensor, expected), name
+        assert torch.equal(part.rope_cos, whole.rope_cos)
