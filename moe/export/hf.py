@@ -106,7 +106,7 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=rope_parameters(cfg),
         num_experts_per_tok=cfg.moe.top_k,
     )
     moe = cfg.moe
@@ -151,6 +151,26 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
             num_experts=moe.num_experts,
             norm_topk_prob=moe.gate_mode == "renormalize",
         )
+    return fields
+
+
+def rope_parameters(cfg: ModelConfig) -> dict:
+    scaling = cfg.rope_scaling
+    if scaling.kind == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    fields = {
+        "rope_type": "yarn",
+        "rope_theta": cfg.rope_theta,
+        "factor": scaling.factor,
+        "original_max_position_embeddings": scaling.original_max_seq_len,
+        "beta_fast": scaling.beta_fast,
+        "beta_slow": scaling.beta_slow,
+        "mscale": scaling.mscale,
+        "mscale_all_dim": scaling.mscale_all_dim,
+        "truncate": scaling.truncate,
+    }
+    if scaling.attention_factor is not None:
+        fields["attention_factor"] = scaling.attention_factor
     return fields
 
 

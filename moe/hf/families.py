@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moe.layers import MoEConfig
 from moe.model import ModelConfig, MoETransformer
-from moe.model.config import LatentAttentionConfig
+from moe.model.config import LatentAttentionConfig, RopeScaling
 
 
 class UnsupportedModel(ValueError):
@@ -97,9 +97,9 @@ def family_of(hf: dict[str, Any], where: str = "config.json") -> Family:
 
 
 def _problems(hf: dict[str, Any], family: Family) -> list[str]:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = _rope_type(hf)
     checks = [
-        (rope.get("rope_type", "default") != "default", f"rope type {rope.get('rope_type')!r}"),
+        (kind not in ("default", "yarn"), f"rope type {kind!r}"),
         (hf.get("attention_bias") or hf.get("mlp_bias"), "attention or MLP biases"),
         (not family.qkv_bias and hf.get("qkv_bias"), "QKV biases"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}"),
@@ -115,6 +115,41 @@ def _problems(hf: dict[str, Any], family: Family) -> list[str]:
 
 def _sliding(hf: dict[str, Any]) -> bool:
     return hf.get("model_type") == "mixtral" and hf.get("sliding_window") is not None
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """``rope_parameters`` (transformers 5) or the older ``rope_scaling`` and ``rope_theta``."""
+    return {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+
+
+def _rope_type(hf: dict[str, Any]) -> str:
+    rope = _rope(hf)
+    return rope.get("rope_type") or rope.get("type") or "default"
+
+
+def _rope_scaling(hf: dict[str, Any]) -> RopeScaling:
+    if _rope_type(hf) != "yarn":
+        return RopeScaling()
+    rope = _rope(hf)
+    original = rope["original_max_position_embeddings"]
+    optional = {
+        ours: rope[theirs]
+        for ours, theirs in (
+            ("beta_fast", "beta_fast"),
+            ("beta_slow", "beta_slow"),
+            ("mscale", "mscale"),
+            ("mscale_all_dim", "mscale_all_dim"),
+            ("attention_factor", "attention_factor"),
+            ("truncate", "truncate"),
+        )
+        if rope.get(theirs) is not None
+    }
+    return RopeScaling(
+        kind="yarn",
+        factor=float(rope.get("factor") or hf["max_position_embeddings"] / original),
+        original_max_seq_len=original,
+        **{k: v if k == "truncate" else float(v) for k, v in optional.items()},
+    )
 
 
 def _moe_blocks(hf: dict[str, Any], family: Family, n_layers: int) -> dict[str, Any]:
@@ -183,7 +218,6 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     if problems := _problems(hf, family):
         raise UnsupportedModel(f"{where}: {family.model_type} with " + "; ".join(problems))
     n_layers = hf["num_hidden_layers"]
-    rope = hf.get("rope_parameters") or {}
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -194,7 +228,8 @@ def model_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
         **_moe_blocks(hf, family, n_layers),
         **_attention(hf, family),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=float(_rope(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=_rope_scaling(hf),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         hf_family=family.model_type if family.moe_prefix else None,

@@ -6,18 +6,53 @@ C head dim.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .config import RopeScaling
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[Tensor, Tensor]:
     """cos/sin tables [S, C] in the half-split layout (``transformers``' ``rotate_half``)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    scale = 1.0
+    if scaling is not None and scaling.kind == "yarn":
+        inv_freq, scale = _yarn(inv_freq, head_dim, theta, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(inv_freq: Tensor, dim: int, theta: float, s: RopeScaling) -> tuple[Tensor, float]:
+    """YaRN: frequencies that turn fewer than ``beta_slow`` times over the original context
+    are divided by ``factor``, those turning more than ``beta_fast`` times are kept, with a
+    linear ramp between; returns them and the tables' scale."""
+
+    def dimension(rotations: float) -> float:  # the dim pair that turns that many times
+        turns = s.original_max_seq_len / (rotations * 2 * math.pi)
+        return dim * math.log(turns) / (2 * math.log(theta))
+
+    low, high = dimension(s.beta_fast), dimension(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+    if s.attention_factor is not None:
+        return inv_freq, s.attention_factor
+    if s.mscale and s.mscale_all_dim:
+        return inv_freq, yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return inv_freq, yarn_mscale(s.factor)
 
 
 def apply_rotary(x_BHSC: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:

@@ -37,6 +37,40 @@ ATTENTIONS = ("gqa", "mla")
 
 
 @dataclass
+class RopeScaling:
+    """Rotary positions stretched beyond the pre-training context (YaRN, Peng et al. 2023;
+    the ``rope_scaling`` of DeepSeek-V3 and long-context Qwen checkpoints).
+
+    kind: "none" or "yarn".
+    factor: how many times longer than ``original_max_seq_len`` the context becomes.
+    original_max_seq_len: the context the model was pre-trained with.
+    beta_fast / beta_slow: rotations bounding the ramp between frequencies kept as they are
+        (fast) and frequencies divided by ``factor`` (slow).
+    mscale / mscale_all_dim: YaRN's temperature terms: the rotary tables are scaled by
+        ``m(mscale) / m(mscale_all_dim)`` (``m(x) = 0.1 x ln(factor) + 1``; ``m(1)`` when
+        ``mscale_all_dim`` is 0), and latent attention's softmax by ``m(mscale_all_dim)^2``.
+    attention_factor: the rotary tables' scale, given directly (overrides the mscales).
+    truncate: round the ramp's ends to whole dimensions.
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "yarn"):
+            raise ValueError(f"rope_scaling.kind must be none or yarn, got {self.kind!r}")
+        if self.factor < 1 or self.original_max_seq_len < 1:
+            raise ValueError("rope_scaling.factor must be >= 1, original_max_seq_len >= 1")
+
+
+@dataclass
 class LatentAttentionConfig:
     """Multi-head latent attention (DeepSeek-V2/V3; ``model.attention=mla``). Keys and values
     come from one low-rank latent per token; each head's query and key are a part without
@@ -94,6 +128,7 @@ class ModelConfig:
         (the whole projections before the heads are split, OLMoE), false or "none".
     tie_embeddings: share the input embedding with the output projection.
     rope_theta: rotary position base.
+    rope_scaling: rotary positions stretched beyond the pre-training context (YaRN).
     max_seq_len: longest sequence the rotary table covers.
     norm_eps: RMSNorm epsilon.
     init_std: std of embeddings and the router; projections use ``nn.Linear``'s init.
@@ -118,6 +153,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 2048
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -128,6 +164,8 @@ class ModelConfig:
             self.moe = MoEConfig(**self.moe)
         if isinstance(self.mla, dict):
             self.mla = LatentAttentionConfig(**self.mla)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if any(not 0 <= i < self.n_layers for i in self.dense_blocks):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import apply_rotary
-from .config import LatentAttentionConfig
+from .attention import apply_rotary, yarn_mscale
+from .config import LatentAttentionConfig, RopeScaling
 
 # DeepSeek's code builds the latent RMSNorms with their default epsilon, whatever the
 # model's rms_norm_eps; so do we, to compute what its checkpoints were trained with.
@@ -27,7 +27,13 @@ def deinterleave(x: Tensor) -> Tensor:
 
 
 class LatentAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, mla: LatentAttentionConfig):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        mla: LatentAttentionConfig,
+        rope_scaling: RopeScaling | None = None,
+    ):
         super().__init__()
         self.n_heads, self.mla = n_heads, mla
         qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
@@ -45,6 +51,9 @@ class LatentAttention(nn.Module):
         )
         self.o_proj = nn.Linear(n_heads * mla.v_head_dim, d_model, bias=False)
         self.scale = qk_dim**-0.5
+        if rope_scaling is not None and rope_scaling.kind == "yarn" and rope_scaling.mscale_all_dim:
+            # DeepSeek's YaRN also sharpens the softmax, by the square of its temperature.
+            self.scale *= yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim) ** 2
 
     def _query(self, x_BSD: Tensor) -> Tensor:
         if self.mla.q_lora_rank:

@@ -41,7 +41,7 @@ class Block(nn.Module):
         d = config.d_model
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         if config.attention == "mla":
-            self.attn = LatentAttention(d, config.n_heads, config.mla)
+            self.attn = LatentAttention(d, config.n_heads, config.mla, config.rope_scaling)
         else:
             self.attn = Attention(
                 d,
@@ -94,7 +94,7 @@ class MoETransformer(nn.Module):
         """(Re)compute the rotary cos/sin tables, e.g. after ``to_empty``."""
         cfg = self.config
         device = self.embed.weight.device
-        cos, sin = rotary_tables(cfg.max_seq_len, cfg.rotary_dim, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def set_checkpointing(self, mode: str) -> None:

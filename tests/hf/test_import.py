@@ -82,6 +82,47 @@ FAMILIES = {
             v_head_dim=5,
         ),
     ),
+    # YaRN (as DeepSeek-V3's release): stretched rotary tables and a sharper softmax.
+    "deepseek_v3_yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=12,
+            kv_lora_rank=8,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=8,
+            v_head_dim=4,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=16,
+                beta_fast=32,
+                beta_slow=1,
+                mscale=1.0,
+                mscale_all_dim=0.8,
+            ),
+        ),
+    ),
+    "qwen3_moe_yarn": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=1000.0, factor=2.0, original_max_position_embeddings=32
+            ),
+        ),
+    ),
     "deepseek_v3_full_rank_query_half_split_rope": (
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
@@ -116,6 +157,8 @@ def save_tiny(kind, directory, seed=0):
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif "self_attn" in name:  # sharp attention, so that positions (rotary) matter
+                p.mul_(4.0)
         for name, b in hf.named_buffers():  # a selection bias that changes choices
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.05, 0.05)
@@ -217,6 +260,10 @@ def test_bad_directories_are_named(tmp_path):
         load_model(tmp_path / "m")
     (tmp_path / "m/config.json").write_text(json.dumps({**config, "sliding_window": 16}))
     with pytest.raises(UnsupportedModel, match="sliding-window"):
+        load_model(tmp_path / "m")
+    dynamic = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, "rope_parameters": dynamic}))
+    with pytest.raises(UnsupportedModel, match="rope type 'dynamic'"):
         load_model(tmp_path / "m")
     (tmp_path / "m/config.json").write_text(json.dumps(config))
     shard = tmp_path / "m/model.safetensors"
