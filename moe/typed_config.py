@@ -53,6 +53,21 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix}{err}") from None
 
 
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """Every key of dataclass ``cls`` with its declared default (nested dataclasses as dicts;
+    a default that ``__post_init__`` derives stays as declared, e.g. None)."""
+    hints = get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = declared_defaults(hints[f.name])
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = f.default
+    return out
+
+
 def _check_scalar(value: Any, hint: Any, key: str) -> Any:
     allowed = getattr(hint, "__args__", (hint,))
     if value is None:

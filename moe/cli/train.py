@@ -15,14 +15,16 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe.checkpoint import CheckpointError
+from moe.model import ModelConfig
 from moe.train.config import RunConfig
 from moe.train.faults import EXIT_NUMERICAL, EXIT_PREEMPTED, NumericalFault, Preempted
-from moe.typed_config import ConfigError
+from moe.typed_config import ConfigError, declared_defaults
 
 from . import errors
 
@@ -34,6 +36,9 @@ CONFIG_DIR = str(resources.files("moe.configs"))
 # top_k x d_ff fixed while E varies).
 OmegaConf.register_new_resolver("moe.min", lambda *values: min(values), replace=True)
 OmegaConf.register_new_resolver("moe.floordiv", lambda a, b: a // b, replace=True)
+# Every model key with its declared default, under the presets (their `defaults: [schema]`),
+# so that any key of moe/model/config.py and moe/layers/config.py can be overridden.
+ConfigStore.instance().store(group="model", name="schema", node=declared_defaults(ModelConfig))
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

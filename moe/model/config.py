@@ -65,9 +65,9 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "yarn"):
-            raise ValueError(f"rope_scaling.kind must be none or yarn, got {self.kind!r}")
+            raise ValueError(f"kind must be none or yarn, got {self.kind!r}")
         if self.factor < 1 or self.original_max_seq_len < 1:
-            raise ValueError("rope_scaling.factor must be >= 1, original_max_seq_len >= 1")
+            raise ValueError("factor must be >= 1 and original_max_seq_len >= 1")
 
 
 @dataclass
@@ -96,9 +96,9 @@ class LatentAttentionConfig:
     def __post_init__(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.q_lora_rank < 0 or self.qk_rope_head_dim % 2:
-            raise ValueError("mla.q_lora_rank must be >= 0 and mla.qk_rope_head_dim even")
+            raise ValueError("q_lora_rank must be >= 0 and qk_rope_head_dim even")
 
 
 @dataclass

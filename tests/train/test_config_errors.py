@@ -36,6 +36,12 @@ BAD = [
     (["+train.bogus=1"], "unknown config key train.bogus"),
     (["train.bogus=1"], "Could not override 'train.bogus'"),
     (["model=nonexistent"], "Could not find 'model/nonexistent'"),
+    (["model.dense_blocks=[7]"], "model.dense_blocks must be block indices in [0, 4)"),
+    (["model.dense_blocks=3"], "model.dense_blocks must be a list"),
+    (["model.attention=linear"], "model.attention must be one of"),
+    (["model.moe.n_group=3"], "model.moe.n_group must divide num_experts"),
+    (["model.rope_scaling.kind=ntk"], "model.rope_scaling.kind must be none or yarn"),
+    (["model.mla.v_head_dim=0"], "model.mla.v_head_dim must be >= 1"),
 ]
 
 
@@ -164,3 +170,33 @@ def test_unwritable_run_directory(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         validate_overrides([f"hydra.run.dir={tmp_path}/file/run"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "gpu_1b", "tiny_dense"])
+def test_every_model_key_can_be_overridden_without_a_plus(tmp_path, preset):
+    """The presets start from every key's declared default, so keys they do not list
+    (latent attention, YaRN, dense blocks, routing) are plain overrides."""
+    cfg = small_config(
+        tmp_path,
+        **{
+            "model": preset,
+            "model.qkv_bias": True,
+            "model.attention": "mla",
+            "model.mla.kv_lora_rank": 16,
+            "model.rope_scaling.kind": "yarn",
+            "model.rope_scaling.factor": 2.0,
+            "model.dense_blocks": "[0]",
+            "model.moe.score": "sigmoid",
+            "model.moe.num_experts": 4,
+            "model.moe.n_group": 2,
+            "model.moe.shared_d_ff": 32,
+        },
+    )
+    model = cfg.model
+    assert (model.attention, model.mla.kv_lora_rank, model.dense_blocks) == ("mla", 16, [0])
+    assert (model.rope_scaling.kind, model.rope_scaling.factor, model.qkv_bias) == (
+        "yarn",
+        2.0,
+        True,
+    )
+    assert (model.moe.score, model.moe.n_group, model.moe.shared_d_ff) == ("sigmoid", 2, 32)
