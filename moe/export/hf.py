@@ -29,7 +29,11 @@ class UnsupportedExport(ValueError):
 
 
 def target_family(cfg: ModelConfig) -> Family:
-    return FAMILIES[cfg.hf_family or "qwen3_moe"]
+    """The source's family, else for our own models (Qwen3's attention): Qwen3-MoE for the
+    softmax router, dots.llm1 (DeepSeek-V3's router on Qwen3's attention) for sigmoid."""
+    if cfg.hf_family:
+        return FAMILIES[cfg.hf_family]
+    return FAMILIES["dots1" if cfg.moe.score == "sigmoid" else "qwen3_moe"]
 
 
 def check_exportable(cfg: ModelConfig, family: Family) -> None:
@@ -124,11 +128,8 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
             fields.update(attention_bias=False)
     elif family.model_type == "mixtral":
         fields.update(intermediate_size=moe.d_ff, num_local_experts=moe.num_experts)
-    elif family.model_type == "deepseek_v3":
-        mla = cfg.mla
-        del fields["head_dim"]  # the config derives it (the rotary part)
+    elif family.score == "sigmoid":  # DeepSeek-V3's router: DeepSeek-V3 and dots.llm1
         fields.update(
-            num_key_value_heads=cfg.n_heads,
             moe_intermediate_size=moe.d_ff,
             n_routed_experts=moe.num_experts,
             n_shared_experts=moe.shared_d_ff // moe.d_ff,
@@ -137,14 +138,22 @@ def hf_config_fields(cfg: ModelConfig, family: Family) -> dict:
             topk_group=moe.topk_group,
             norm_topk_prob=moe.gate_mode == "renormalize",
             first_k_dense_replace=cfg.n_layers - len(moe_layers),
-            q_lora_rank=mla.q_lora_rank or None,
-            kv_lora_rank=mla.kv_lora_rank,
-            qk_nope_head_dim=mla.qk_nope_head_dim,
-            qk_rope_head_dim=mla.qk_rope_head_dim,
-            v_head_dim=mla.v_head_dim,
-            rope_interleave=mla.rope_interleave,
             attention_bias=False,
         )
+        if family.attention == "mla":
+            mla = cfg.mla
+            del fields["head_dim"]  # the config derives it (the rotary part)
+            fields.update(
+                num_key_value_heads=cfg.n_heads,
+                q_lora_rank=mla.q_lora_rank or None,
+                kv_lora_rank=mla.kv_lora_rank,
+                qk_nope_head_dim=mla.qk_nope_head_dim,
+                qk_rope_head_dim=mla.qk_rope_head_dim,
+                v_head_dim=mla.v_head_dim,
+                rope_interleave=mla.rope_interleave,
+            )
+        else:  # dots.llm1: Qwen3's attention, every block full (no sliding window)
+            fields.update(sliding_window=None)
     else:  # olmoe
         fields.update(
             intermediate_size=moe.d_ff,

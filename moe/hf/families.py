@@ -10,8 +10,9 @@ blocks by ``decoder_sparse_step`` / ``mlp_only_layers``), ``qwen2_moe`` (the sam
 QK-norm, QKV biases, a shared expert behind a sigmoid gate), ``mixtral`` (no QK-norm,
 renormalized top-k gates, ``block_sparse_moe`` with ``w1/w3/w2``), ``olmoe`` (QK-norm over
 the whole projections), ``deepseek_v3`` (multi-head latent attention, sigmoid scores with a
-selection bias, group-limited top-k, scaled gates, shared experts, leading dense blocks), and
-the dense ``llama`` / ``qwen3`` (upcycling sources).
+selection bias, group-limited top-k, scaled gates, shared experts, leading dense blocks),
+``dots1`` (dots.llm1: DeepSeek-V3's MoE on Qwen3's attention; our sigmoid-routed models
+export to it), and the dense ``llama`` / ``qwen3`` (upcycling sources).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from moe.layers import MoEConfig
@@ -81,6 +83,14 @@ FAMILIES = {
             score="sigmoid",
             skips_extra_layers=True,
         ),
+        Family(
+            "dots1",
+            "Dots1ForCausalLM",
+            "head",
+            "mlp",
+            shared_expert="shared_experts",
+            score="sigmoid",
+        ),
         Family("llama", "LlamaForCausalLM", "none", None),
         Family("qwen3", "Qwen3ForCausalLM", "head", None),
     )
@@ -104,6 +114,7 @@ def _problems(hf: dict[str, Any], family: Family) -> list[str]:
         (not family.qkv_bias and hf.get("qkv_bias"), "QKV biases"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r}"),
         (hf.get("use_sliding_window") or _sliding(hf), "sliding-window attention"),
+        ("sliding_attention" in (hf.get("layer_types") or []), "sliding-window attention"),
         (hf.get("clip_qkv") is not None, f"clip_qkv={hf.get('clip_qkv')}"),
         (hf.get("router_jitter_noise", 0.0) > 0, "router jitter at inference"),
     ]
@@ -168,8 +179,8 @@ def _moe_config(hf: dict[str, Any], family: Family) -> MoEConfig:
     if family.moe_prefix is None:
         return MoEConfig()
     d_ff = hf.get("moe_intermediate_size") or hf["intermediate_size"]
-    if family.score == "sigmoid":  # DeepSeek-V3
-        shared = hf.get("n_shared_experts", 0) * d_ff
+    if family.score == "sigmoid":  # DeepSeek-V3's router (DeepSeek-V3, dots.llm1)
+        shared = (hf.get("n_shared_experts") or 0) * d_ff
         routing = dict(
             score="sigmoid",
             n_group=hf.get("n_group") or 1,
@@ -266,6 +277,8 @@ def weight_table(model: MoETransformer, family: Family) -> dict[str, Tensor | No
                 table[e + f"{down_name}.weight"] = experts.w_out_EDF[local] if held else None
             if block.ffn.shared is not None:
                 table.update(_swiglu(f"{moe}{family.shared_expert}.", block.ffn.shared))
+            elif family.score == "sigmoid":  # DeepSeek-style models keep zero-width ones
+                table.update(_empty_swiglu(f"{moe}{family.shared_expert}.", cfg.d_model))
             if block.ffn.shared_gate is not None:
                 table[moe + "shared_expert_gate.weight"] = block.ffn.shared_gate.weight
         else:
@@ -297,6 +310,12 @@ def _attention_weights(prefix: str, attn, cfg: ModelConfig) -> dict[str, Tensor]
         table[prefix + "q_norm.weight"] = attn.q_norm.weight
         table[prefix + "k_norm.weight"] = attn.k_norm.weight
     return table
+
+
+def _empty_swiglu(prefix: str, d_model: int) -> dict[str, Tensor]:
+    """The zero-width shared expert of a DeepSeek-style checkpoint with n_shared_experts=0."""
+    shapes = {"gate_proj": (0, d_model), "up_proj": (0, d_model), "down_proj": (d_model, 0)}
+    return {f"{prefix}{name}.weight": torch.empty(shape) for name, shape in shapes.items()}
 
 
 def _swiglu(prefix: str, ffn) -> dict[str, Tensor]:

@@ -51,11 +51,29 @@ def rel_err(a, b):
             "moe": {"num_experts": 4, "top_k": 2, "d_ff": 24, "gate_mode": "renormalize"},
         },
         {"moe_every": 0},  # the dense baseline
+        {  # DeepSeek-V3's router on our attention: exported as dots.llm1
+            "dense_blocks": [0],
+            "moe": {
+                "num_experts": 4,
+                "top_k": 2,
+                "d_ff": 24,
+                "score": "sigmoid",
+                "expert_bias": True,
+                "gate_mode": "renormalize",
+                "gate_scale": 2.0,
+                "n_group": 2,
+                "topk_group": 1,
+            },
+        },
     ],
-    ids=["every_block", "every_other_untied_renorm", "dense"],
+    ids=["every_block", "every_other_untied_renorm", "dense", "sigmoid_router_as_dots1"],
 )
 def test_hf_export_matches_our_logits_and_generates(tmp_path, kw):
     model = small_model(**kw)
+    with torch.no_grad():  # a selection bias that changes choices
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias_E"):
+                buffer.uniform_(-0.05, 0.05)
     export_hf(model, byte_tokenizer(), tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     ids = torch.randint(0, 256, (3, 19))
@@ -70,6 +88,7 @@ def test_hf_export_matches_our_logits_and_generates(tmp_path, kw):
     # Round trip: the exported directory read back by load_model is the same model.
     back = load_model(tmp_path / "hf")
     assert back.config.moe_every == model.config.moe_every
+    assert back.config.dense_blocks == model.config.dense_blocks
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

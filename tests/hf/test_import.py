@@ -123,6 +123,24 @@ FAMILIES = {
             ),
         ),
     ),
+    # dots.llm1: DeepSeek-V3's router and shared experts on Qwen3's attention.
+    "dots1": (
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            head_dim=12,
+            n_routed_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=12,  # transformers' grouped_mm wants 16-byte rows
+            n_shared_experts=1,
+            n_group=3,
+            topk_group=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.5,
+            sliding_window=None,
+        ),
+    ),
     "deepseek_v3_full_rank_query_half_split_rope": (
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",

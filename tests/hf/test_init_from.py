@@ -44,7 +44,9 @@ def losses(run_dir):
     return [r["lm_loss"] for r in read_metrics(run_dir) if "split" not in r]
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "kind", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "dots1"]
+)
 def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
     source = hf_directory(tmp_path, kind)
     run = tmp_path / "run"
