@@ -1,6 +1,6 @@
 """``moe-export`` and ``moe-upcycle``: key=value arguments, one JSON line of results.
 
-    moe-export checkpoint=RUN_OR_CKPT out=DIR format=hf
+    moe-export checkpoint=RUN_OR_CKPT out=DIR format=hf [dtype=bfloat16] [max_shard_gb=5]
     moe-export checkpoint=... out=DIR format=experts [layers=[1,3]] [experts=[0,5]]
     moe-export checkpoint=... out=DIR format=pruned keep=4 [as=hf]     # or experts=[0,2,5,7]
     moe-upcycle source=DENSE_CKPT_OR_HF_DIR out=DIR num_experts=8 [top_k=2]
@@ -64,7 +64,7 @@ def export_main(argv: list[str] | None = None) -> None:
         out = Path(args["out"])
         result = {"format": fmt, "checkpoint": str(path), "out": str(out)}
         if fmt == "hf":
-            export_hf(model, tokenizer, out)
+            export_hf(model, tokenizer, out, *hf_options(args))
         else:
             data = build_data(cfg.data, cfg.train.seq_len, tokenizer=tokenizer)
             stats = routing_stats(model, data.val, int(args.get("calib_sequences", 64)))
@@ -80,6 +80,19 @@ def export_main(argv: list[str] | None = None) -> None:
     print(json.dumps(result))
 
 
+def hf_options(args: dict) -> tuple[torch.dtype, int]:
+    """``dtype`` of the written weights (float32, lossless, or bfloat16, half the size) and
+    the largest safetensors file, ``max_shard_gb`` (default 5, as transformers shards)."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtype = args.get("dtype", "float32")
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    shard_gb = float(args.get("max_shard_gb", 5))
+    if not shard_gb > 0:
+        raise ValueError(f"max_shard_gb must be > 0, got {shard_gb}")
+    return dtypes[dtype], int(shard_gb * 10**9)
+
+
 def prune(model, tokenizer, cfg: RunConfig, data, stats, args: dict, out: Path) -> dict:
     if "experts" in args:
         keep = {s.block: sorted(args["experts"]) for s in stats}
@@ -92,7 +105,7 @@ def prune(model, tokenizer, cfg: RunConfig, data, stats, args: dict, out: Path) 
     pruned_cfg = dataclasses.replace(cfg, model=pruned.config)
     after = evaluate(pruned, data.val, pruned_cfg, torch.device("cpu"))
     if args.get("as", "checkpoint") == "hf":
-        export_hf(pruned, tokenizer, out)
+        export_hf(pruned, tokenizer, out, *hf_options(args))
     else:
         save_model_checkpoint(
             out,

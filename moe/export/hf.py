@@ -13,6 +13,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -183,27 +184,58 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     return fields
 
 
-def to_hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
+def hf_weights(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """The family's weight name -> a view of our tensor (nothing copied)."""
     table = weight_table(model, target_family(model.config))
     if any(t is None for t in table.values()):
         raise UnsupportedExport(
             "this model holds a slice of the experts (expert parallelism); export its "
             "checkpoint, which moe-export reads whole"
         )
-    return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in table.items()}
+    return table
 
 
-def export_hf(model: MoETransformer, tokenizer: Tokenizer, out: Path) -> Path:
+def save_weights(
+    weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_bytes: int
+) -> list[str]:
+    """Safetensors files of at most ``max_shard_bytes`` each (plus the index that names each
+    tensor's file when there are several), converting one shard at a time to ``dtype``, so
+    that no second copy of the whole model is ever held. Returns the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    sizes = {n: torch.empty(t.shape, dtype=dtype, device="meta") for n, t in weights.items()}
+    split = split_torch_state_dict_into_shards(
+        sizes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes
+    )
+    for filename, names in split.filename_to_tensors.items():
+        shard = {n: weights[n].detach().to("cpu", dtype).contiguous() for n in names}
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return list(split.filename_to_tensors)
+
+
+def export_hf(
+    model: MoETransformer,
+    tokenizer: Tokenizer,
+    out: Path,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 5 * 10**9,
+) -> Path:
     """Write a directory that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``
-    load with no custom code: config, safetensors weights, tokenizer files."""
+    load with no custom code: config, safetensors weights (in ``dtype``, sharded as
+    ``transformers`` shards), tokenizer files."""
     from transformers import AutoConfig, PreTrainedTokenizerFast
 
     family = target_family(model.config)
     check_exportable(model.config, family)
+    weights = hf_weights(model)
     config = AutoConfig.for_model(family.model_type, **hf_config_fields(model.config, family))
     config.architectures = [family.architecture]
+    config.dtype = dtype
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    save_file(to_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(weights, out, dtype, max_shard_bytes)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(out)
     return out

@@ -157,7 +157,9 @@ PLAN = {
         "two nodes of GPUs; the command above runs the same options, and the same script "
         "runs as one node of 2 processes in this suite (MASTER_ADDR=127.0.0.1 NNODES=1)"
     ),
-    "moe-export checkpoint=runs/qwen3_30b out=qwen3_30b_ft format=hf": Run(append=""),
+    "moe-export checkpoint=runs/qwen3_30b out=qwen3_30b_ft format=hf dtype=bfloat16": Run(
+        append=""
+    ),
     "moe-export checkpoint=runs/ft out=hf_ft format=hf": Run(append=""),
     "moe-export checkpoint=runs/a out=experts format=experts layers=[0,2] experts=[1,5]": Run(
         append=""

@@ -93,6 +93,29 @@ def test_hf_export_matches_our_logits_and_generates(tmp_path, kw):
         assert torch.equal(a, b), name
 
 
+@on_cpu
+def test_hf_export_in_bfloat16_shards(tmp_path):
+    """Shards of at most 40 kB in bfloat16: an index names every tensor's file; transformers
+    and load_model read them back as our model with bfloat16-rounded weights."""
+    model = small_model()
+    export_hf(model, byte_tokenizer(), tmp_path / "hf", torch.bfloat16, max_shard_bytes=40_000)
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and all(s.stat().st_size <= 40_000 + 10_000 for s in shards)
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    rounded = small_model()
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        assert rel_err(hf(ids).logits, rounded(ids).logits) <= 1e-5
+    back = load_model(tmp_path / "hf")
+    for (name, a), b in zip(rounded.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(
     "kw, option",
     [
