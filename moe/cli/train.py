@@ -33,9 +33,11 @@ PROGRAM = "moe-train"
 CONFIG_DIR = str(resources.files("moe.configs"))
 
 # Arithmetic the config files interpolate (configs/experiment/expert_scaling.yaml keeps
-# top_k x d_ff fixed while E varies).
+# top_k x d_ff fixed while E varies)...
 OmegaConf.register_new_resolver("moe.min", lambda *values: min(values), replace=True)
 OmegaConf.register_new_resolver("moe.floordiv", lambda a, b: a // b, replace=True)
+# ...and E=1 keeps a softmax router, whose gate is exactly 1: the dense model plus a router.
+OmegaConf.register_new_resolver("moe.if_one", lambda n, a, b: a if n == 1 else b, replace=True)
 # Every model key with its declared default, under the presets (their `defaults: [schema]`),
 # so that any key of moe/model/config.py and moe/layers/config.py can be overridden.
 ConfigStore.instance().store(group="model", name="schema", node=declared_defaults(ModelConfig))
