@@ -60,9 +60,12 @@ def test_training_starts_from_a_hugging_face_model(tmp_path, kind):
     assert stored["moe"]["top_k"] == hf["num_experts_per_tok"]
 
 
-# Qwen2-MoE: a gated shared expert, dense on every rank; DeepSeek-V3: latent attention,
-# group-limited routing and a selection bias that the trainer updates from global loads.
-@pytest.mark.parametrize("kind", ["qwen2_moe", "deepseek_v3"])
+# Every family under EP=2; among them Qwen2-MoE's gated shared expert (dense, on every
+# rank) and DeepSeek-V3's latent attention, group-limited routing and selection bias (which
+# the trainer updates from global loads).
+@pytest.mark.parametrize(
+    "kind", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "dots1"]
+)
 def test_two_processes_with_expert_parallelism(tmp_path, kind):
     source = hf_directory(tmp_path, kind)
     run = tmp_path / "run"
