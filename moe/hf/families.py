@@ -143,23 +143,15 @@ def _rope_scaling(hf: dict[str, Any]) -> RopeScaling:
         return RopeScaling()
     rope = _rope(hf)
     original = rope["original_max_position_embeddings"]
-    optional = {
-        ours: rope[theirs]
-        for ours, theirs in (
-            ("beta_fast", "beta_fast"),
-            ("beta_slow", "beta_slow"),
-            ("mscale", "mscale"),
-            ("mscale_all_dim", "mscale_all_dim"),
-            ("attention_factor", "attention_factor"),
-            ("truncate", "truncate"),
-        )
-        if rope.get(theirs) is not None
-    }
+    names = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+    optional = {name: float(rope[name]) for name in names if rope.get(name) is not None}
+    if rope.get("truncate") is not None:
+        optional["truncate"] = bool(rope["truncate"])
     return RopeScaling(
         kind="yarn",
         factor=float(rope.get("factor") or hf["max_position_embeddings"] / original),
         original_max_seq_len=original,
-        **{k: v if k == "truncate" else float(v) for k, v in optional.items()},
+        **optional,
     )
 
 
