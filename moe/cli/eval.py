@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=micro))
         device = pick_device(cfg.device)
         model = load_model(path, device)
-        data = build_data(cfg.data, cfg.train.seq_len, tokenizer=load_tokenizer(path))
+        data = build_data(cfg.data, cfg.train.seq_len, load_tokenizer(path), model_dir=path)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         fail(PROGRAM, str(err))
     with torch.no_grad():

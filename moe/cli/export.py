@@ -66,7 +66,7 @@ def export_main(argv: list[str] | None = None) -> None:
         if fmt == "hf":
             export_hf(model, tokenizer, out, *hf_options(args))
         else:
-            data = build_data(cfg.data, cfg.train.seq_len, tokenizer=tokenizer)
+            data = build_data(cfg.data, cfg.train.seq_len, tokenizer, model_dir=path)
             stats = routing_stats(model, data.val, int(args.get("calib_sequences", 64)))
             if fmt == "experts":
                 manifest = export_experts(

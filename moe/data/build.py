@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from moe.typed_config import ConfigError
 
 from .batches import PackedSequences
-from .chat import chat_template, conversations, tokenize_chats
+from .chat import ChatTemplate, chat_template, conversations, tokenize_chats
 from .config import DataSection
 from .corpus import cache_dir, load_records, load_texts, source_key, tokenize_to_stream
 from .tokenizer import byte_tokenizer, train_bpe
@@ -20,9 +20,12 @@ from .tokenizer import byte_tokenizer, train_bpe
 
 @dataclass
 class RunData:
+    """``chat_template``: what rendered ``format=chat`` data (None for text)."""
+
     tokenizer: Tokenizer
     train: PackedSequences
     val: PackedSequences
+    chat_template: ChatTemplate | None = None
 
 
 def build_data(
@@ -34,8 +37,8 @@ def build_data(
     """Load text, build the tokenizer (or use the given one, e.g. a checkpoint's), tokenize
     (cached) and split off the last ``val_fraction`` of the token stream for validation.
     A BPE tokenizer is trained on the whole text (its vocabulary, not the model, sees the
-    validation part). ``model_dir``: the Hugging Face source model, whose chat template
-    renders ``format=chat`` data."""
+    validation part). ``model_dir``: the source model (a Hugging Face directory or our
+    checkpoint), whose chat template renders ``format=chat`` data."""
     chats, template = None, None
     if data.format == "chat":
         template = chat_template(data, model_dir)
@@ -72,6 +75,7 @@ def build_data(
         tokenizer=tokenizer,
         train=PackedSequences(stream[:cut], seq_len, "train", _part(trained, None, cut)),
         val=PackedSequences(stream[cut:], seq_len, "validation", _part(trained, cut, None)),
+        chat_template=template,
     )
 
 

@@ -52,8 +52,8 @@ class ChatTemplate:
 
 
 def chat_template(data: DataSection, model_dir: Path | None = None) -> ChatTemplate:
-    """``data.chat_template`` (a Jinja file), else the Hugging Face source model's own
-    template, else ``PLAIN_TEMPLATE``."""
+    """``data.chat_template`` (a Jinja file), else the template of ``model_dir`` (a Hugging
+    Face model directory, or one of our checkpoints of a chat run), else ``PLAIN_TEMPLATE``."""
     if data.chat_template:
         path = Path(data.chat_template).expanduser()
         if not path.is_file():
@@ -62,6 +62,13 @@ def chat_template(data: DataSection, model_dir: Path | None = None) -> ChatTempl
     if model_dir is not None and (found := _model_template(model_dir)) is not None:
         return found
     return ChatTemplate(PLAIN_TEMPLATE)
+
+
+def template_files(template: ChatTemplate) -> dict[str, str]:
+    """The template as a Hugging Face directory holds it, for checkpoints: evaluation and
+    training from a checkpoint then render chat data as the run did."""
+    config = {"chat_template": template.text, **template.special_tokens}
+    return {"tokenizer_config.json": json.dumps(config, indent=1)}
 
 
 def _model_template(model_dir: Path) -> ChatTemplate | None:

@@ -27,6 +27,7 @@ from moe.checkpoint import (
     verify_checkpoint,
 )
 from moe.data import Sampler, build_data
+from moe.data.chat import template_files
 from moe.hf.reading import build_from_hf
 from moe.model import MoETransformer
 from moe.parallel.world import pick_device, setup_world, shard_model
@@ -72,7 +73,7 @@ class Trainer:
             cfg.data,
             t.seq_len,
             source.tokenizer if source else None,
-            source.path if source and source.hugging_face else None,
+            source.path if source else None,
         )
         vocab = self.data.tokenizer.get_vocab_size()
         if source is not None:
@@ -145,6 +146,8 @@ class Trainer:
             "tokenizer.json": self.data.tokenizer.to_str(),
             balance.FILE: self.step_loads.to_json(),
         }
+        if self.data.chat_template is not None:
+            files.update(template_files(self.data.chat_template))
         return save_checkpoint(
             self.run_dir,
             self.step,

@@ -150,6 +150,13 @@ def test_chat_fine_tuning_renders_with_the_model_chat_template(tmp_path):
     assert "assistant replies" in out.stdout + out.stderr
     val = [r["loss"] for r in read_metrics(run) if r.get("split") == "val"]
     assert val[-1] < val[0]
+    # The checkpoint carries the template: moe-eval renders the data as the run did.
+    assert "<|im_start|>" in (run / "checkpoints/step_20/tokenizer_config.json").read_text()
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "moe.cli.eval", f"checkpoint={run}"], capture_output=True, text=True
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout.splitlines()[-1])["loss"] == pytest.approx(val[-1], rel=1e-5)
 
     (tmp_path / "bad.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
     args = [f"init_from={source}", f"data.path={tmp_path / 'bad.jsonl'}", "data.format=chat"]
