@@ -6,7 +6,7 @@ Qwen3-MoE, which represents every model we train from scratch: RMSNorm, half-spl
 positions, grouped-query attention with per-head QK-norm, SwiGLU experts, a softmax top-k
 router with plain or renormalized gates, MoE every ``decoder_sparse_step`` blocks and dense
 blocks in ``mlp_only_layers``; DeepSeek-V3 models (latent attention, sigmoid group-limited
-routing) go back to DeepSeek-V3. Weight names come from ``moe.hf.families`` (the table that
+routing) go back to DeepSeek-V3. Weight names come from ``moe.hf.weights`` (the table that
 reads them). What the family cannot represent exactly is refused with the option to change,
 before anything is written.
 """
@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from moe.hf.families import FAMILIES, Family, weight_table
+from moe.hf.families import FAMILIES, Family
+from moe.hf.weights import weight_table
 from moe.layers import MoEConfig
 from moe.model import ModelConfig, MoETransformer
 

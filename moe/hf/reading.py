@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 
 from moe.model import ModelConfig, MoETransformer
 
-from .families import Family, UnsupportedModel, family_of, model_config, weight_table
+from .families import Family, UnsupportedModel, family_of, model_config
+from .weights import weight_table
 
 
 def is_hf_directory(path: str | Path) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from moe.data.tokenizer import byte_tokenizer
 from moe.train.metrics import read_metrics
-from tests.hf.test_import import COMMON, FAMILIES
+from tests.hf.tiny_models import COMMON, FAMILIES
 from tests.train.helpers import small_overrides
 
 transformers = pytest.importorskip("transformers")
