@@ -8,6 +8,7 @@ Loss = LM cross-entropy + ``aux_loss_coef`` x (sum of MoE layers' load-balancing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -82,7 +83,7 @@ class Trainer:
             model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
         if source is not None and source.hugging_face:  # each rank reads only its experts
-            shard = lambda model: shard_model(model, self.world)  # noqa: E731
+            shard = functools.partial(shard_model, world=self.world)
             self.model = build_from_hf(cfg.model, source.path, shard).to(self.device)
         else:
             self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
