@@ -51,6 +51,15 @@ class PackedSequences:
             targets = targets.masked_fill(~self.trained[positions[:, 1:]], IGNORE)
         return window[:, :-1], targets
 
+    def describe_trained(self) -> str:
+        """How many of the split's tokens the loss trains on (chat data), for the start line."""
+        total = len(self.stream)
+        replies = total if self.trained is None else int(self.trained.sum())
+        return (
+            f"{replies:,} of {total:,} training tokens are assistant replies "
+            f"({replies / total:.1%}), the only ones trained"
+        )
+
     def trained_targets(self, indices: Tensor) -> int:
         """How many targets of these sequences the loss counts."""
         if self.trained is None:

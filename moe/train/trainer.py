@@ -220,12 +220,8 @@ class Trainer:
                 f"micro-batch {t.micro_batch_size} per rank x {self.accumulation} accumulation "
                 f"= global batch {t.global_batch_size}; run dir {self.run_dir}"
             )
-            if (train := self.data.train).trained is not None:
-                replies, total = int(train.trained.sum()), len(train.stream)
-                tqdm.write(
-                    f"moe-train: chat data, {replies:,} of {total:,} training tokens are "
-                    f"assistant replies ({replies / total:.1%}), the only ones trained"
-                )
+            if self.data.chat_template is not None:
+                tqdm.write(f"moe-train: chat data, {self.data.train.describe_trained()}")
         first_val = None
         if self.resumed_from is None:  # a resumed run already logged its earlier evaluations
             first_val = evaluate(self.model, self.data.val, cfg, self.device, self.world)
