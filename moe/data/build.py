@@ -14,7 +14,14 @@ from moe.typed_config import ConfigError
 from .batches import PackedSequences
 from .chat import ChatTemplate, chat_template, conversations, tokenize_chats
 from .config import DataSection
-from .corpus import cache_dir, load_records, load_texts, source_key, tokenize_to_stream
+from .corpus import (
+    cache_dir,
+    load_records,
+    load_texts,
+    publish,
+    source_key,
+    tokenize_to_stream,
+)
 from .tokenizer import byte_tokenizer, train_bpe
 
 
@@ -58,8 +65,7 @@ def build_data(
         tokenizer = Tokenizer.from_file(str(tok_path))
     else:
         tokenizer = train_bpe(texts, data.bpe_vocab_size)
-        root.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(tok_path))
+        publish(tok_path, lambda tmp: tokenizer.save(str(tmp)))
     trained = None
     if chats is not None:
         stream, trained = tokenize_chats(chats, tokenizer, template)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import secrets
 import sysconfig
 from pathlib import Path
 
@@ -41,7 +42,6 @@ def embedded_corpus(data: DataSection) -> Path:
     path = cache_dir(data) / f"stdlib-{limit}.txt"
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     parts, size = [], 0
     for source in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
         if "test" in source.parts[-2:][0] or source.name.startswith("test"):
@@ -54,10 +54,22 @@ def embedded_corpus(data: DataSection) -> Path:
         size += len(text)
         if size >= limit:
             break
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    publish(path, lambda tmp: tmp.write_text("\n\n".join(parts), encoding="utf-8"))
     return path
+
+
+def publish(path: Path, write) -> None:
+    """Build a cache file through ``write(tmp)`` and rename it into place. Every rank of a
+    run may build the same file at once: each writes a temporary file of its own, so a
+    reader only ever sees a complete file and no rank's rename finds its file gone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The same suffix, or np.save would append ".npy".
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}{path.suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resolve_files(pattern: str) -> list[str]:
@@ -125,8 +137,5 @@ def tokenize_to_stream(texts: list[str], tokenizer, cache: Path | None) -> np.nd
         ids.extend(sep)
     stream = np.asarray(ids, dtype=np.int32)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, stream)
-        tmp.replace(cache)
+        publish(cache, lambda tmp: np.save(tmp, stream))
     return stream
