@@ -2,9 +2,9 @@
 parameters (every MoE FFN replaced by a dense SwiGLU FFN of width ``top_k * moe.d_ff``).
 
 Both train on the same random token batches, steps interleaved in one process (forward,
-backward, AdamW), medians after warm-up. Columns: tokens/s of each, the ratio MoE/dense,
-training FLOPs per token (``MoETransformer.flops_per_token``) and MFU against the measured
-rate of one large matmul in the same dtype on this machine (the peak it states).
+backward, the trainer's AdamW), medians after warm-up. Columns: tokens/s of each, the ratio
+MoE/dense, training FLOPs per token (``MoETransformer.flops_per_token``) and MFU against the
+measured rate of one large matmul in the same dtype on this machine (the peak it states).
 
     python scripts/bench_train.py                      # tiny and small, float32 and bfloat16
     python scripts/bench_train.py --presets gpu_1b --dtypes bfloat16 --json out.json
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import yaml
 
 from moe.model import ModelConfig, MoETransformer
+from moe.train.config import OptimSection
+from moe.train.optim import build_optimizer
 from moe.typed_config import from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -65,7 +67,7 @@ def sync(device: torch.device) -> None:
 
 
 def make_step(model: MoETransformer, dtype: torch.dtype, device: torch.device):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = build_optimizer(model, OptimSection())  # the trainer's AdamW
 
     def step(ids: torch.Tensor) -> float:
         sync(device)
