@@ -19,6 +19,9 @@ Examples:
 
 from __future__ import annotations
 
+import moe  # noqa: F401  first, as in moe-train: torch's allocator options (moe/__init__.py)
+
+# isort: split
 import argparse
 import json
 import statistics

@@ -12,6 +12,9 @@ measured rate of one large matmul in the same dtype on this machine (the peak it
 
 from __future__ import annotations
 
+import moe  # noqa: F401  first, as in moe-train: torch's allocator options (moe/__init__.py)
+
+# isort: split
 import argparse
 import dataclasses
 import json
