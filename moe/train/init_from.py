@@ -11,15 +11,19 @@ other.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
-from moe.checkpoint import load_tokenizer, model_config, resolve_checkpoint
+from moe.checkpoint import load_checkpoint, load_tokenizer, model_config, resolve_checkpoint
 from moe.hf import is_hf_directory, read_hf_config
 from moe.hf.families import model_config as hf_model_config
-from moe.model import ModelConfig
+from moe.hf.reading import build_from_hf
+from moe.model import ModelConfig, MoETransformer
+from moe.parallel.world import World, shard_model
 from moe.typed_config import ConfigError
 
 # model.moe keys that only change how the layer trains, not what the weights mean.
@@ -56,3 +60,18 @@ def run_model_config(source: Source, run: ModelConfig, tokenizer_size: int) -> M
         )
     keep = {key: getattr(run.moe, key) for key in TRAINING_TIME_MOE_KEYS}
     return dataclasses.replace(source.model, moe=dataclasses.replace(source.model.moe, **keep))
+
+
+def build_run_model(
+    model_cfg: ModelConfig, source: Source | None, world: World, device: torch.device
+) -> MoETransformer:
+    """This rank's share of the run's model on ``device``: fresh, or with the source's
+    weights, of which each rank reads only its own experts (a Hugging Face model is cut
+    before it is allocated; our checkpoint's shards are read after)."""
+    if source is not None and source.hugging_face:
+        shard = functools.partial(shard_model, world=world)
+        return build_from_hf(model_cfg, source.path, shard).to(device)
+    model = shard_model(MoETransformer(model_cfg), world).to(device)
+    if source is not None:
+        load_checkpoint(source.path, model, world=world)
+    return model

@@ -8,7 +8,6 @@ Loss = LM cross-entropy + ``aux_loss_coef`` x (sum of MoE layers' load-balancing
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -29,9 +28,7 @@ from moe.checkpoint import (
 )
 from moe.data import Sampler, build_data
 from moe.data.chat import template_files
-from moe.hf.reading import build_from_hf
-from moe.model import MoETransformer
-from moe.parallel.world import pick_device, setup_world, shard_model
+from moe.parallel.world import pick_device, setup_world
 from moe.typed_config import ConfigError
 
 from . import balance
@@ -40,7 +37,7 @@ from .config import RunConfig
 from .engine import build_engine
 from .evaluate import evaluate
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
-from .init_from import read_source, run_model_config
+from .init_from import build_run_model, read_source, run_model_config
 from .loss import lm_loss
 from .metrics import MetricsLog, StepStats, truncate_metrics
 from .micro_batch import choose_micro_batch, rank_share
@@ -82,13 +79,7 @@ class Trainer:
         else:  # model.vocab_size follows the tokenizer
             model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)
-        if source is not None and source.hugging_face:  # each rank reads only its experts
-            shard = functools.partial(shard_model, world=self.world)
-            self.model = build_from_hf(cfg.model, source.path, shard).to(self.device)
-        else:
-            self.model = shard_model(MoETransformer(cfg.model), self.world).to(self.device)
-        if source is not None and not source.hugging_face:  # each rank reads its experts
-            load_checkpoint(source.path, self.model, world=self.world)
+        self.model = build_run_model(cfg.model, source, self.world, self.device)
         self.model.set_checkpointing(t.checkpointing)
         micro = choose_micro_batch(t, self.world.size, self.device, self._trial_step)
         self.cfg = cfg = dataclasses.replace(
