@@ -112,7 +112,8 @@ class OptimSection:
 @dataclass
 class EvalSection:
     """every: steps between validation passes (and one at the end). batches: batches of
-    ``train.micro_batch_size`` sequences per pass."""
+    ``train.micro_batch_size`` sequences (per rank) per pass, the sequences spread evenly
+    over the whole validation split."""
 
     every: int = 100
     batches: int = 8

@@ -17,16 +17,17 @@ from .loss import lm_loss
 def evaluate(
     model: MoETransformer, val: PackedSequences, cfg: RunConfig, device, world: World | None = None
 ) -> float:
-    """Mean LM loss per trained target over the first ``eval.batches`` global micro-batches of
-    the validation split (each rank evaluates its share; the same sequences whatever the
-    layout)."""
+    """Mean LM loss per trained target over ``eval.batches`` global micro-batches of
+    validation sequences spread evenly over the split (each rank evaluates its share; the
+    same sequences whatever the layout)."""
     world = world or World()
     was_training = model.training
     model.eval()
     mb = cfg.train.micro_batch_size * world.size
+    chosen = spread_evenly(cfg.eval.batches * mb, val.count)
     total, count = 0.0, 0
     for b in range(cfg.eval.batches):
-        indices = world.my_rows(torch.arange(b * mb, (b + 1) * mb) % val.count)
+        indices = world.my_rows(chosen[b * mb : (b + 1) * mb])
         inputs, targets = val.batch(indices)
         ce, _ = lm_loss(model, inputs, targets, cfg, device)
         trained = int((targets != IGNORE).sum())
@@ -35,3 +36,13 @@ def evaluate(
     model.train(was_training)
     total, count = world.sum([total, count])
     return total / max(count, 1)
+
+
+def spread_evenly(n: int, count: int) -> torch.Tensor:
+    """``n`` sequence indices spread evenly over ``count`` sequences (each one at most once
+    while ``n <= count``). The split's first sequences come from one or two files: their loss
+    said little about the whole split (0.22 nats below it in the 800-step runs of
+    benchmarks/results/2026-11-26-val-split)."""
+    if n >= count:
+        return torch.arange(n) % count
+    return torch.arange(n) * count // n
