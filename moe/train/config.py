@@ -86,12 +86,13 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    """AdamW with warmup then cosine decay to ``lr * min_lr_ratio``. No weight decay on
+    """AdamW with a linear warmup over ``warmup_steps`` (at most a quarter of
+    ``train.max_steps``) then cosine decay to ``lr * min_lr_ratio``. No weight decay on
     norms, biases and embeddings. Expert weights use ``lr * expert_lr_scale``."""
 
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
+    warmup_steps: int = 200
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

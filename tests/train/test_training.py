@@ -51,6 +51,9 @@ def test_resume_is_bitwise_identical(tmp_path):
         "checkpoint.every": 6,
         "checkpoint.keep": 5,
         "model.moe.jitter": 0.1,
+        # A constant rate: the first half stops through max_steps, which shapes the schedule.
+        "optim.warmup_steps": 0,
+        "optim.min_lr_ratio": 1.0,
     }  # jitter: the RNG must resume too
     _, straight = run(small_config(tmp_path, **extra), tmp_path / "straight")
 
