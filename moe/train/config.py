@@ -86,8 +86,8 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    """AdamW with a linear warmup over ``warmup_steps`` (at most a quarter of
-    ``train.max_steps``) then cosine decay to ``lr * min_lr_ratio``. No weight decay on
+    """AdamW with a linear warmup over ``warmup_steps`` (runs shorter than that never reach
+    ``lr``; lower it for them) then cosine decay to ``lr * min_lr_ratio``. No weight decay on
     norms, biases and embeddings. Expert weights use ``lr * expert_lr_scale``."""
 
     lr: float = 3e-3

@@ -61,10 +61,10 @@ def adamw(groups: list[dict], optim: OptimSection) -> torch.optim.AdamW:
 
 
 def learning_rate(step: int, max_steps: int, optim: OptimSection) -> float:
-    """Linear warmup over ``warmup_steps`` (at most a quarter of the run, so that short runs
-    reach the peak rate too), then cosine decay to ``lr * min_lr_ratio``. ``step`` counts
-    from 0 (the first update uses ``step=0``)."""
-    warmup = min(optim.warmup_steps, max_steps // 4)
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``.
+    ``step`` counts from 0 (the first update uses ``step=0``). The warmup does not depend on
+    ``max_steps``, so a run stopped early and extended follows the same rates through it."""
+    warmup = optim.warmup_steps
     if step < warmup:
         return optim.lr * (step + 1) / warmup
     span = max(1, max_steps - warmup)
