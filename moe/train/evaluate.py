@@ -42,7 +42,7 @@ def spread_evenly(n: int, count: int) -> torch.Tensor:
     """``n`` sequence indices spread evenly over ``count`` sequences (each one at most once
     while ``n <= count``). The split's first sequences come from one or two files: their loss
     said little about the whole split (0.22 nats below it in the 800-step runs of
-    benchmarks/results/2026-11-26-val-split)."""
+    benchmarks/results/2026-11-26-warmup)."""
     if n >= count:
         return torch.arange(n) % count
     return torch.arange(n) * count // n

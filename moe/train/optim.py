@@ -64,11 +64,10 @@ def learning_rate(step: int, max_steps: int, optim: OptimSection) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``.
     ``step`` counts from 0 (the first update uses ``step=0``). The warmup does not depend on
     ``max_steps``, so a run stopped early and extended follows the same rates through it."""
-    warmup = optim.warmup_steps
-    if step < warmup:
-        return optim.lr * (step + 1) / warmup
-    span = max(1, max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
     floor = optim.lr * optim.min_lr_ratio
     return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
