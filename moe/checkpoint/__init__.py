@@ -10,7 +10,7 @@ from .dcp import (
     save_model_checkpoint,
     verify_checkpoint,
 )
-from .files import CheckpointError
+from .files import CheckpointError, write_text_atomic
 from .reading import check_compatible, load_model, load_tokenizer, model_config, resolve_checkpoint
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "save_checkpoint",
     "save_model_checkpoint",
     "verify_checkpoint",
+    "write_text_atomic",
 ]

@@ -41,6 +41,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a process killed mid-write leaves the old file
+    (or none), never a truncated one that the next resume would fail to read."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from moe.checkpoint import CheckpointError
+from moe.checkpoint import CheckpointError, write_text_atomic
 from moe.model import ModelConfig
 from moe.train.config import RunConfig
 from moe.train.faults import EXIT_NUMERICAL, EXIT_PREEMPTED, NumericalFault, Preempted
@@ -124,7 +124,7 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "status.json").write_text(json.dumps({"status": status, **extra}))
+    write_text_atomic(run_dir / "status.json", json.dumps({"status": status, **extra}))
 
 
 def finished_summary(run_dir: Path, run_cfg: RunConfig) -> dict | None:
@@ -132,7 +132,10 @@ def finished_summary(run_dir: Path, run_cfg: RunConfig) -> dict | None:
     path = run_dir / "summary.json"
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:  # cut short by a kill (before writes were atomic): not finished
+        return None
     return summary if summary.get("steps", 0) >= run_cfg.train.max_steps else None
 
 

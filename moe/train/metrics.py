@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed
 
+from moe.checkpoint import write_text_atomic
+
 from .config import WandbSection
 
 
@@ -146,6 +148,4 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(k + "\n" for k in kept))

@@ -25,6 +25,7 @@ from moe.checkpoint import (
     newest_good_checkpoint,
     save_checkpoint,
     verify_checkpoint,
+    write_text_atomic,
 )
 from moe.data import Sampler, build_data
 from moe.data.chat import template_files
@@ -283,7 +284,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         if self.world.main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.metrics.summary(summary)
         return summary
 

@@ -207,3 +207,14 @@ def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="refusing unsafe or corrupt .metadata"):
         load_model(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_summary_cut_short_by_a_kill_reads_as_not_finished(tmp_path):
+    from moe.checkpoint import write_text_atomic
+    from moe.cli.train import finished_summary
+
+    (tmp_path / "summary.json").write_text("")  # what a kill mid-write used to leave
+    assert finished_summary(tmp_path, run_cfg=None) is None
+    write_text_atomic(tmp_path / "summary.json", '{"steps": 3}')
+    assert (tmp_path / "summary.json").read_text() == '{"steps": 3}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left
