@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+import torch._dynamo
 from moe.kernels import BACKENDS, triton_available
 from moe_peers import Impl, deepspeed_moe, transformers_moe
 
@@ -64,6 +65,13 @@ def parse_args() -> argparse.Namespace:
         "many seconds in one configuration (slow peers; one timed run always stays)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--compile",
+        choices=("none", "default", "reduce-overhead"),
+        default="none",
+        help="torch.compile every implementation (ours and dense with fullgraph=True) in this "
+        "mode; reduce-overhead adds CUDA graphs. Compile time is paid in the warm-ups",
+    )
     p.add_argument("--quick", action="store_true", help="E in {8, 32}, k=1, 3 reps")
     p.add_argument("--json", help="write one JSON row per measurement to this path")
     args = p.parse_args()
@@ -82,6 +90,7 @@ def fwd_bwd_time(impl: Impl, x: torch.Tensor, grad: torch.Tensor, device: str) -
     for p in impl.module.parameters():
         p.grad = None
     xi = x.detach().requires_grad_()
+    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs (reduce-overhead)
     sync(device)
     start = time.perf_counter()
     impl.run(xi).backward(grad)
@@ -112,6 +121,8 @@ def weight_traffic_time(traffic: WeightTraffic, device: str) -> float:
 
 def build_impls(args, E: int, k: int, dtype: torch.dtype) -> tuple[list[Impl], list[str]]:
     torch.manual_seed(0)
+    if args.compile != "none":
+        torch._dynamo.reset()  # each configuration compiles afresh, not as a recompilation
     D, F = args.d_model, args.d_ff
     gate_mode = "switch" if k == 1 else "renormalize"  # what DeepSpeed's top-1/top-2 gates do
     impls, skipped = [], []
@@ -138,7 +149,16 @@ def build_impls(args, E: int, k: int, dtype: torch.dtype) -> tuple[list[Impl], l
             skipped.append(f"{peer}: {made}")
         else:
             impls.append(made)
+    if args.compile != "none":
+        impls = [compiled(impl, args.compile) for impl in impls]
     return impls, skipped
+
+
+def compiled(impl: Impl, mode: str) -> Impl:
+    """``impl`` with its call compiled: ours and dense as one graph, a peer as it comes."""
+    whole = impl.name.startswith("ours_") or impl.name == "dense"
+    run = torch.compile(impl.run, fullgraph=whole, mode=mode, dynamic=False)
+    return Impl(impl.name, impl.module, run)
 
 
 def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
@@ -154,14 +174,16 @@ def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
 
     ours = impls[0]
     diffs = {}
-    with torch.no_grad():
-        y_ours = ours.run(x).float()
-        for impl in list(impls):
-            try:
-                diffs[impl.name] = (impl.run(x).float() - y_ours).abs().max().item()
-            except Exception as err:  # a peer that cannot run this dtype/device is reported
-                impls.remove(impl)
-                skipped.append(f"{impl.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
+    # With grad, on an input that wants one, as in the timed runs: a compiled implementation
+    # then compiles once (no separate no-grad graph).
+    xg = x.detach().requires_grad_()
+    y_ours = ours.run(xg).detach().float().clone()  # CUDA graphs reuse their output buffers
+    for impl in list(impls):
+        try:
+            diffs[impl.name] = (impl.run(xg).detach().float() - y_ours).abs().max().item()
+        except Exception as err:  # a peer that cannot run this dtype/device is reported
+            impls.remove(impl)
+            skipped.append(f"{impl.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
     expert_bytes = sum(p.numel() * p.element_size() for p in ours.module.experts.parameters())
 
     traffic = WeightTraffic(expert_bytes, dtype, args.device)
@@ -205,6 +227,8 @@ def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
             "limit_ms": round(limit, 3),
             "traffic_ms": round(med["traffic"], 3),
             "max_abs_diff_vs_ours": diffs[impl.name],
+            "compile": args.compile,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         }
         if impl.name.startswith("ours_"):
             for peer in peers:
@@ -240,7 +264,8 @@ def main() -> None:
     args = parse_args()
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"T={args.tokens} D={args.d_model} F={args.d_ff} (fwd+bwd, medians of up to {args.reps})"
+        f"T={args.tokens} D={args.d_model} F={args.d_ff} compile={args.compile} "
+        f"(fwd+bwd, medians of up to {args.reps})"
     )
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -248,10 +273,10 @@ def main() -> None:
             for k in map(int, args.top_k.split(",")):
                 print(f"{dtype_name} E={E} k={k} ...", flush=True)
                 rows += bench_config(args, E, k, dtype_name)
+                if args.json:  # after every configuration, so a run cut short keeps its rows
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=1)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import yaml
 
 from moe.model import ModelConfig, MoETransformer
+from moe.train.compile import compile_blocks
 from moe.train.config import OptimSection
 from moe.train.optim import build_optimizer
 from moe.typed_config import from_dict
@@ -50,8 +51,10 @@ def dense_twin(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, moe_every=0, d_ff=width)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
-    """FLOP/s of one n x n x n matmul, the machine's practical peak in this dtype."""
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of one n x n x n matmul, the machine's practical peak in this dtype (n large
+    enough on a GPU that launch latency does not count)."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
@@ -87,7 +90,7 @@ def make_step(model: MoETransformer, dtype: torch.dtype, device: torch.device):
     return step
 
 
-def bench(name: str, dtype_name: str, steps: int, device: torch.device) -> dict:
+def bench(name: str, dtype_name: str, steps: int, device: torch.device, compile: str) -> dict:
     cfg = preset(name)
     sequences, seq_len = BATCH[name]
     dtype = DTYPES[dtype_name]
@@ -96,6 +99,8 @@ def bench(name: str, dtype_name: str, steps: int, device: torch.device) -> dict:
         "moe": MoETransformer(cfg).to(device),
         "dense": MoETransformer(dense_twin(cfg)).to(device),
     }
+    setting = {"true": True, "false": False}.get(compile, compile)
+    compiled = [compile_blocks(m, setting, expert_parallel=False) for m in models.values()][0]
     steppers = {kind: make_step(m, dtype, device) for kind, m in models.items()}
     times = {kind: [] for kind in models}
     for i in range(steps + 2):  # two warm-up steps each
@@ -107,6 +112,7 @@ def bench(name: str, dtype_name: str, steps: int, device: torch.device) -> dict:
     tokens = sequences * seq_len
     peak = matmul_peak(dtype, device)
     row = {"preset": name, "dtype": dtype_name, "tokens_per_step": tokens, "peak_flops": peak}
+    row["compiled"] = compiled
     for kind, model in models.items():
         per_s = tokens / statistics.median(times[kind])
         flops = model.flops_per_token(seq_len)
@@ -127,20 +133,27 @@ def main() -> None:
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="compile each block of both models, as train.compile does (auto: on CUDA only); "
+        "compile time is paid in the two warm-up steps",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    header = ["preset", "dtype", "MoE tok/s", "dense tok/s", "MoE/dense", "MoE MFU", "dense MFU"]
-    header.append("peak TFLOP/s")
+    header = ["preset", "dtype", "compiled", "MoE tok/s", "dense tok/s", "MoE/dense"]
+    header += ["MoE MFU", "dense MFU", "peak TFLOP/s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in args.presets.split(","):
         for dtype_name in args.dtypes.split(","):
-            r = bench(name, dtype_name, args.steps, device)
+            r = bench(name, dtype_name, args.steps, device, args.compile)
             rows.append(r)
             print(
-                f"| {name} | {dtype_name} | {r['moe']['tokens_per_s']:.0f} | "
+                f"| {name} | {dtype_name} | {r['compiled']} | {r['moe']['tokens_per_s']:.0f} | "
                 f"{r['dense']['tokens_per_s']:.0f} | {r['moe_over_dense']:.2f} | "
                 f"{r['moe']['mfu']:.1%} | {r['dense']['mfu']:.1%} | {r['peak_flops'] / 1e12:.2f} |",
                 flush=True,

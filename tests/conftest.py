@@ -5,7 +5,15 @@ import torch
 
 # The trainer's tests need its dependencies (hydra, datasets, ...); an image with only
 # torch/triton/einops (a lent GPU machine) runs the kernel, layer and model tests alone.
-TRAINER_TESTS = ["cli", "e2e", "train", "sweep", "export"]
+TRAINER_TESTS = [
+    "cli",
+    "e2e",
+    "train",
+    "sweep",
+    "export",
+    "data/test_chat.py",
+    "hf/test_init_from.py",
+]
 collect_ignore = [] if importlib.util.find_spec("hydra") else TRAINER_TESTS
 
 if torch.cuda.is_available():

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one script for a short lease of a GPU machine:
+#   tests          the test suite on CUDA (kernel, layer, model, expert-parallel, import tests;
+#                  the trainer's tests are skipped where hydra/datasets are not installed)
+#   layer_eager    the layer benchmark, eager, float32 and bfloat16, vs transformers' grouped_mm
+#   layer_compiled the same in bfloat16 with every implementation compiled
+#   train          bench_train.py on gpu_1b in bfloat16, blocks compiled (eager if that fails)
+#
+#   bash scripts/gpu_checks.sh OUTDIR [STEP...]     (all steps when none is named)
+#
+# Each step runs under a time limit and logs to OUTDIR/STEP.log (JSON results beside it); a
+# failing step does not stop the next one.
+set -u
+out=${1:?usage: gpu_checks.sh OUTDIR [STEP...]}
+shift
+steps=${*:-tests layer_eager layer_compiled train}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+shape=(--tokens 16384 --d-model 1024 --d-ff 2048 --backends auto --reps 10 --warmup 3)
+
+run() {  # run NAME LIMIT_S COMMAND...: log to OUTDIR/NAME.log, print its tail
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+    rc=$?
+    echo "== $name rc=$rc in $((SECONDS - start))s"
+    tail -n 30 "$out/$name.log"
+    return $rc
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    $py -c "import torch, triton, transformers as t; print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', t.__version__)"
+    date -u
+    $py -m pip install -q --no-deps --no-build-isolation -e . && echo "installed moe-train"
+} >>"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+for step in $steps; do
+    case $step in
+    tests)
+        run tests 150 $py -m pytest -q -n 8 -p no:cacheprovider tests ;;
+    layer_eager)
+        run layer_eager 90 $py scripts/bench_moe_layer.py "${shape[@]}" \
+            --peers transformers_grouped_mm --json "$out/layer_eager.json" ;;
+    layer_compiled)
+        run layer_compiled 150 $py scripts/bench_moe_layer.py "${shape[@]}" --dtypes bfloat16 \
+            --peers "" --compile default --json "$out/layer_compiled.json" ;;
+    train)
+        run train 150 $py scripts/bench_train.py --presets gpu_1b --dtypes bfloat16 --steps 5 \
+            --compile true --json "$out/train.json" ||
+            run train 90 $py scripts/bench_train.py --presets gpu_1b --dtypes bfloat16 \
+                --steps 5 --compile false --json "$out/train.json" ;;
+    *) echo "unknown step $step" ;;
+    esac
+done
