@@ -3,9 +3,11 @@
 Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
 Every backend provides:
-- ``gmm(x_NI, w_EIO, offsets_E) -> y_NO``: ``y[g] = x[g] @ w[e]`` for each group g of
-  rows ``offsets[e-1]:offsets[e]``; ``w`` may be a transposed view. Rows past
-  ``offsets[-1]`` (copies dropped by capacity) belong to no group and come out zero.
+- ``gmm(x_NI, w_EIO, offsets_E, zero_tail) -> y_NO``: ``y[g] = x[g] @ w[e]`` for each
+  group g of rows ``offsets[e-1]:offsets[e]``; ``w`` may be a transposed view. Rows past
+  ``offsets[-1]`` (copies dropped by capacity) belong to no group and come out zero, unless
+  ``zero_tail`` is False (the caller knows there are none; on a GPU that skips a pass over
+  the output).
 - ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``dw[e] = x[g].T @ dy[g]``; an empty
   group gets zeros; rows past ``offsets[-1]`` do not count.
 
@@ -51,7 +53,9 @@ def _group_pieces(x_NI: Tensor, offsets_E: Tensor) -> list[list[tuple[int, int]]
     return pieces
 
 
-def loop_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+def loop_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
+    """Zeroes the rows past the groups whatever ``zero_tail`` says: with the group ends on
+    the host that is a slice of the output, free."""
     y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     pieces = _group_pieces(x_NI, offsets_E)
     for e, rows in enumerate(pieces):
@@ -107,9 +111,10 @@ def _require_torch_support(x_NI: Tensor, w_EIO: Tensor) -> None:
         )
 
 
-def torch_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+def torch_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
     _require_torch_support(x_NI, w_EIO)
-    return zero_rows_past_groups(F.grouped_mm(x_NI, w_EIO, offs=offsets_E), offsets_E)
+    y_NO = F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    return zero_rows_past_groups(y_NO, offsets_E) if zero_tail else y_NO
 
 
 def torch_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
@@ -142,8 +147,9 @@ def _triton(x_NI: Tensor):
     return triton_gemm
 
 
-def triton_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
-    return zero_rows_past_groups(_triton(x_NI).gmm(x_NI, w_EIO, offsets_E), offsets_E)
+def triton_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
+    y_NO = _triton(x_NI).gmm(x_NI, w_EIO, offsets_E)
+    return zero_rows_past_groups(y_NO, offsets_E) if zero_tail else y_NO
 
 
 def triton_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
@@ -153,7 +159,7 @@ def triton_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class GemmBackend:
     name: str
-    gmm: Callable[[Tensor, Tensor, Tensor], Tensor]
+    gmm: Callable[[Tensor, Tensor, Tensor, bool], Tensor]
     gmm_wgrad: Callable[[Tensor, Tensor, Tensor], Tensor]
 
 

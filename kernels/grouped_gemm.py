@@ -23,12 +23,12 @@ from .backends import resolve_backend
 
 
 @torch.library.custom_op("moe::gmm", mutates_args=())
-def gmm_op(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
-    return resolve_backend(backend, x_NI, w_EIO).gmm(x_NI, w_EIO, offsets_E)
+def gmm_op(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str, zero_tail: bool) -> Tensor:
+    return resolve_backend(backend, x_NI, w_EIO).gmm(x_NI, w_EIO, offsets_E, zero_tail)
 
 
 @gmm_op.register_fake
-def _(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
+def _(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str, zero_tail: bool) -> Tensor:
     return x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
 
 
@@ -44,9 +44,9 @@ def _(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_NI, w_EIO, offsets_E, backend = inputs
+    x_NI, w_EIO, offsets_E, backend, zero_tail = inputs
     ctx.save_for_backward(x_NI, w_EIO, offsets_E)
-    ctx.backend = backend
+    ctx.backend, ctx.zero_tail = backend, zero_tail
 
 
 def _backward(ctx, dy_NO: Tensor):
@@ -54,24 +54,29 @@ def _backward(ctx, dy_NO: Tensor):
     dy_NO = dy_NO.contiguous()
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = gmm_op(dy_NO, w_EIO.transpose(1, 2), offsets_E, ctx.backend)
+        dx = gmm_op(dy_NO, w_EIO.transpose(1, 2), offsets_E, ctx.backend, ctx.zero_tail)
     if ctx.needs_input_grad[1]:
         if w_EIO.transpose(1, 2).is_contiguous() and not w_EIO.is_contiguous():
             dw = gmm_wgrad_op(dy_NO, x_NI, offsets_E, ctx.backend).transpose(1, 2)
         else:
             dw = gmm_wgrad_op(x_NI, dy_NO, offsets_E, ctx.backend)
-    return dx, dw, None, None
+    return dx, dw, None, None, None
 
 
 gmm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "auto") -> Tensor:
+def grouped_mm(
+    x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "auto", zero_tail: bool = True
+) -> Tensor:
     """``y[g] = x[g] @ w[e]`` for each expert e's rows ``offsets[e-1]:offsets[e]``.
 
     x_NI: [N, I]; w_EIO: [E, I, O] (a transposed view is fine); offsets_E: [E] int32
-    cumulative group ends with ``offsets[-1] == N``. Returns [N, O]. Under autocast the
-    operands are cast to the autocast dtype, as ``torch.mm`` would be.
+    cumulative group ends, ``offsets[-1] <= N``. Returns [N, O]; rows past ``offsets[-1]``
+    (copies dropped by capacity) come out zero, here and in the input gradient.
+    ``zero_tail=False`` promises ``offsets[-1] == N`` (a dropless layer) and skips zeroing
+    them: on a GPU a read and a write of the output per GEMM. Under autocast the operands
+    are cast to the autocast dtype, as ``torch.mm`` would be.
     """
     if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
         raise ValueError(
@@ -87,4 +92,4 @@ def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "a
     if x_NI.dtype != w_EIO.dtype:
         raise ValueError(f"grouped_mm operands differ in dtype: {x_NI.dtype} vs {w_EIO.dtype}")
     resolve_backend(backend, x_NI, w_EIO)  # an unknown name fails here, not inside the op
-    return gmm_op(x_NI, w_EIO, offsets_E.to(torch.int32), backend)
+    return gmm_op(x_NI, w_EIO, offsets_E.to(torch.int32), backend, zero_tail)

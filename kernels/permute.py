@@ -39,34 +39,35 @@ class Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, plan: DispatchPlan, backend: str) -> Tensor:
         ops = _row_impl(backend)
-        ctx.ops, ctx.plan = ops, plan
+        ctx.ops = ops
+        ctx.save_for_backward(plan.pos_TK)
         return ops.gather_rows(x_TD, plan.row_token_N)
 
     @staticmethod
     def backward(ctx, dy_ND: Tensor):
-        return ctx.ops.combine_rows(dy_ND.contiguous(), ctx.plan.pos_TK), None, None
+        (pos_TK,) = ctx.saved_tensors
+        return ctx.ops.combine_rows(dy_ND.contiguous(), pos_TK), None, None
 
 
 class Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND: Tensor, gates_TK: Tensor, plan: DispatchPlan, backend: str) -> Tensor:
         ops = _row_impl(backend)
-        ctx.ops, ctx.plan = ops, plan
-        ctx.save_for_backward(y_ND, gates_TK)
+        ctx.ops = ops
+        ctx.save_for_backward(y_ND, gates_TK, plan.row_token_N, plan.row_copy_N, plan.pos_TK)
         return ops.combine_rows(y_ND, plan.pos_TK, gates_TK)
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
-        y_ND, gates_TK = ctx.saved_tensors
-        plan = ctx.plan
+        y_ND, gates_TK, row_token_N, row_copy_N, pos_TK = ctx.saved_tensors
         g_TD = g_TD.contiguous()
         dy = dgates = None
         if ctx.needs_input_grad[0]:
             n = y_ND.shape[0]  # all T*K rows, or the kept ones after an all-to-all
-            scale_N = gates_TK.reshape(-1)[plan.row_copy_N[:n]]
-            dy = ctx.ops.gather_rows(g_TD, plan.row_token_N[:n], scale_N)
+            scale_N = gates_TK.reshape(-1)[row_copy_N[:n]]
+            dy = ctx.ops.gather_rows(g_TD, row_token_N[:n], scale_N)
         if ctx.needs_input_grad[1]:
-            dgates = row_ops.copy_dot_rows(y_ND, plan.pos_TK, g_TD).to(gates_TK.dtype)
+            dgates = row_ops.copy_dot_rows(y_ND, pos_TK, g_TD).to(gates_TK.dtype)
         return dy, dgates, None, None
 
 

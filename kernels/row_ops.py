@@ -32,10 +32,12 @@ def combine_rows(y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None) 
     weight_TK = weight_TK.to(y_ND.dtype)
     rows_TD = pos_TK.clamp(min=0)  # a dropped copy reads row 0 with weight 0
     # One gather-multiply per choice level: K is small, and a [T,1,K] x [T,K,D] bmm is
-    # several times slower on the CPU.
+    # several times slower on the CPU. Out of place: torch 2.11 compiles an in-place addcmul_
+    # on the output of unpermute's autograd.Function into a wrong backward (every gradient
+    # of a top-k >= 2 layer; tests/layers/test_compile.py caught it on a GPU machine).
     out_TD = y_ND.index_select(0, rows_TD[:, 0]) * weight_TK[:, :1]
     for k in range(1, K):
-        out_TD.addcmul_(y_ND.index_select(0, rows_TD[:, k]), weight_TK[:, k : k + 1])
+        out_TD = torch.addcmul(out_TD, y_ND.index_select(0, rows_TD[:, k]), weight_TK[:, k : k + 1])
     return out_TD
 
 

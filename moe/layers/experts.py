@@ -27,10 +27,14 @@ class GroupedExperts(nn.Module):
         d_ff: int,
         activation: str = "swiglu",
         backend: str = "auto",
+        dropless: bool = False,
     ):
+        """``dropless``: every row the experts get belongs to a group (no copy dropped by
+        capacity sits behind them), so the GEMMs need not zero the rows past the groups."""
         super().__init__()
         self.activation = activation
         self.backend = backend
+        self.dropless = dropless
         H = projection_rows(activation, d_ff)
         self.w_in_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
         self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -48,7 +52,8 @@ class GroupedExperts(nn.Module):
 
         Override it to swap in another kernel; everything else stays.
         """
-        return grouped_mm(x_NI, w_EOI.transpose(1, 2), offsets_E, backend=self.backend)
+        w_EIO = w_EOI.transpose(1, 2)
+        return grouped_mm(x_NI, w_EIO, offsets_E, self.backend, zero_tail=not self.dropless)
 
     def forward(self, x_ND: Tensor, offsets_E: Tensor) -> Tensor:
         """x_ND: rows grouped by expert; offsets_E: int32 group ends. Returns [N, D]."""

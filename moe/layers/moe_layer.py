@@ -51,7 +51,12 @@ class MoELayer(nn.Module):
         self.config = config
         self.router = Router(d_model, config)
         self.experts = GroupedExperts(
-            config.num_experts, d_model, config.d_ff, config.activation, config.backend
+            config.num_experts,
+            d_model,
+            config.d_ff,
+            config.activation,
+            config.backend,
+            dropless=config.dropless,
         )
         self.dispatcher = LocalDispatcher(config)
         # A shared expert is dense: every rank holds it whole, as attention.

@@ -67,6 +67,32 @@ def test_grouped_mm_matches_per_group_reference(backend, case, transposed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_past_the_groups_are_zero_unless_there_are_none(backend):
+    """Rows past ``offsets[-1]`` (copies dropped by capacity) come out zero, and so does
+    their input gradient; ``zero_tail=False``, for groups that cover every row, changes
+    nothing in the forward or any gradient."""
+    g = generator(11)
+    x = torch.randn(20, 16, generator=g, requires_grad=True)
+    w = torch.randn(3, 16, 24, generator=g, requires_grad=True)
+    dy = torch.randn(20, 24, generator=g)
+    short = torch.tensor([5, 5, 14], dtype=torch.int32)  # 6 rows past the groups
+    y = grouped_mm(x, w, short, backend)
+    y.backward(dy)
+    assert torch.count_nonzero(y[14:]) == 0 and torch.count_nonzero(x.grad[14:]) == 0
+    assert torch.count_nonzero(y[:14]) > 0
+
+    full = torch.tensor([5, 5, 20], dtype=torch.int32)
+    results = []
+    for zero_tail in (True, False):
+        x.grad = w.grad = None
+        y = grouped_mm(x, w, full, backend, zero_tail=zero_tail)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, w.grad))
+    for zeroed, kept in zip(*results, strict=True):
+        assert torch.equal(zeroed, kept)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16_close_to_float32(backend):
     # Groups above 64 rows exercise the loop's bulk + remainder split for bfloat16.
     counts = [9, 0, 130, 64, 6]
