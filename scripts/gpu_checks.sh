@@ -47,7 +47,7 @@ for step in $steps; do
         OMP_NUM_THREADS=2 run tests 170 $py -m pytest -q -n 8 -p no:cacheprovider \
             --timeout 120 --tb=short -rf tests ;;
     layer_eager)
-        run layer_eager 90 $py scripts/bench_moe_layer.py "${shape[@]}" \
+        run layer_eager 150 $py scripts/bench_moe_layer.py "${shape[@]}" \
             --peers transformers_grouped_mm --json "$out/layer_eager.json" ;;
     layer_compiled)
         run layer_compiled 150 $py scripts/bench_moe_layer.py "${shape[@]}" --dtypes bfloat16 \
