@@ -27,14 +27,10 @@ class GroupedExperts(nn.Module):
         d_ff: int,
         activation: str = "swiglu",
         backend: str = "auto",
-        dropless: bool = False,
     ):
-        """``dropless``: every row the experts get belongs to a group (no copy dropped by
-        capacity sits behind them), so the GEMMs need not zero the rows past the groups."""
         super().__init__()
         self.activation = activation
         self.backend = backend
-        self.dropless = dropless
         H = projection_rows(activation, d_ff)
         self.w_in_EHD = nn.Parameter(torch.empty(num_experts, H, d_model))
         self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -47,18 +43,24 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w_in_EHD.shape[0]
 
-    def _grouped_mm(self, x_NI: Tensor, w_EOI: Tensor, offsets_E: Tensor) -> Tensor:
+    def _grouped_mm(
+        self, x_NI: Tensor, w_EOI: Tensor, offsets_E: Tensor, zero_tail: bool = True
+    ) -> Tensor:
         """The one seam for the expert GEMM: ``x[g] @ w[e].T`` per group.
 
         Override it to swap in another kernel; everything else stays.
         """
         w_EIO = w_EOI.transpose(1, 2)
-        return grouped_mm(x_NI, w_EIO, offsets_E, self.backend, zero_tail=not self.dropless)
+        return grouped_mm(x_NI, w_EIO, offsets_E, self.backend, zero_tail=zero_tail)
 
-    def forward(self, x_ND: Tensor, offsets_E: Tensor) -> Tensor:
-        """x_ND: rows grouped by expert; offsets_E: int32 group ends. Returns [N, D]."""
-        h_NH = self._grouped_mm(x_ND, self.w_in_EHD, offsets_E)
-        return self._grouped_mm(activate(h_NH, self.activation), self.w_out_EDF, offsets_E)
+    def forward(self, x_ND: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
+        """x_ND: rows grouped by expert; offsets_E: int32 group ends. Returns [N, D].
+
+        ``zero_tail=False``: every row belongs to a group (a dropless layer), so the GEMMs
+        need not zero the rows past the groups (``moe.kernels.grouped_mm``)."""
+        h_NH = self._grouped_mm(x_ND, self.w_in_EHD, offsets_E, zero_tail)
+        h_NF = activate(h_NH, self.activation)
+        return self._grouped_mm(h_NF, self.w_out_EDF, offsets_E, zero_tail)
 
 
 EXPERT_WEIGHTS = ("w_in_EHD", "w_out_EDF")

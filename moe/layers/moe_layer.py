@@ -51,12 +51,7 @@ class MoELayer(nn.Module):
         self.config = config
         self.router = Router(d_model, config)
         self.experts = GroupedExperts(
-            config.num_experts,
-            d_model,
-            config.d_ff,
-            config.activation,
-            config.backend,
-            dropless=config.dropless,
+            config.num_experts, d_model, config.d_ff, config.activation, config.backend
         )
         self.dispatcher = LocalDispatcher(config)
         # A shared expert is dense: every rank holds it whole, as attention.
@@ -70,7 +65,7 @@ class MoELayer(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         route = self.router(x_TD, seq_len, load_E, self.dispatcher.world_sum)
         x_ND, offsets_E, handle = self.dispatcher.dispatch(x_TD, route.ids_TK, route.gates_TK)
-        y_ND = self.experts(x_ND, offsets_E)
+        y_ND = self.experts(x_ND, offsets_E, zero_tail=not self.config.dropless)
         y_TD = self.dispatcher.combine(y_ND, route.gates_TK, handle)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
