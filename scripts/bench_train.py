@@ -100,7 +100,8 @@ def bench(name: str, dtype_name: str, steps: int, device: torch.device, compile:
         "dense": MoETransformer(dense_twin(cfg)).to(device),
     }
     setting = {"true": True, "false": False}.get(compile, compile)
-    compiled = [compile_blocks(m, setting, expert_parallel=False) for m in models.values()][0]
+    for model in models.values():  # both or neither: the same setting on the same device
+        compiled = compile_blocks(model, setting, expert_parallel=False)
     steppers = {kind: make_step(m, dtype, device) for kind, m in models.items()}
     times = {kind: [] for kind in models}
     for i in range(steps + 2):  # two warm-up steps each
