@@ -1,6 +1,7 @@
 """Where an MoE layer's forward+backward spends its time: a torch.profiler table.
 
 python scripts/profile_moe_layer.py --experts 32 --dtype bfloat16
+python scripts/profile_moe_layer.py --experts 32 --dtype bfloat16 --compile default [--dense]
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moe.layers import MoEConfig, MoELayer
+from moe.layers import FeedForward, MoEConfig, MoELayer
 
 
 def main() -> None:
@@ -25,6 +26,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=20, help="table rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"])
+    p.add_argument("--dense", action="store_true", help="profile the dense FFN of width k*F")
     args = p.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -32,14 +35,25 @@ def main() -> None:
     cfg = MoEConfig(
         num_experts=args.experts, top_k=args.top_k, d_ff=args.d_ff, backend=args.backend
     )
-    layer = MoELayer(args.d_model, cfg).to(args.device, dtype)
+    if args.dense:
+        layer = FeedForward(args.d_model, args.top_k * args.d_ff).to(args.device, dtype)
+        run = layer
+    else:
+        layer = MoELayer(args.d_model, cfg).to(args.device, dtype)
+
+        def run(x):
+            return layer(x)[0]
+
+    if args.compile != "none":
+        run = torch.compile(run, fullgraph=True, mode=args.compile)
     x = torch.randn(args.tokens, args.d_model, device=args.device, dtype=dtype)
     grad = torch.randn_like(x)
 
     def step():
         for param in layer.parameters():
             param.grad = None
-        layer(x.requires_grad_())[0].backward(grad)
+        torch.compiler.cudagraph_mark_step_begin()
+        run(x.requires_grad_()).backward(grad)
 
     for _ in range(2):
         step()
