@@ -80,6 +80,16 @@ def count_per_slot(ids_TK: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(flat, minlength=K * num_experts).view(K, num_experts)
 
 
+def narrow_keys(keys: Tensor, bound: int) -> Tensor:
+    """``keys`` (all below ``bound``) in the narrowest signed integer type that holds them:
+    a GPU radix sort makes one pass per byte of its key type (a sort of 16k expert ids with
+    int16 keys instead of int64: 2 passes instead of 8)."""
+    for dtype in (torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max:
+            return keys.to(dtype)
+    return keys
+
+
 def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """Rows each expert may take: ``ceil(capacity_factor * T * K / E)``.
 
@@ -120,7 +130,7 @@ def plan_dispatch(
     if priority == "gate":
         by_gate = torch.sort(gates_TK.t().reshape(-1), descending=True, stable=True).indices
         copies, experts = copies[by_gate], experts[by_gate]
-    by_expert = torch.sort(experts, stable=True).indices
+    by_expert = torch.sort(narrow_keys(experts, num_experts), stable=True).indices
     sorted_copies = copies[by_expert]
     sorted_experts = experts[by_expert]
 
@@ -145,7 +155,7 @@ def plan_dispatch(
 
     # Each copy's row is the inverse permutation (an argsort rather than a scatter, which
     # inductor's CPU code generator miscompiles when fused with the index arithmetic).
-    pos_TK = torch.argsort(sorted_copies)
+    pos_TK = torch.argsort(narrow_keys(sorted_copies, T * K))
     if dropping:
         pos_TK = torch.where(pos_TK < counts_E.sum(), pos_TK, -1)
     return DispatchPlan(

@@ -13,7 +13,7 @@ from tests.small_model import small_model_config
 ROUTINGS = [(0.0, "sequence"), (1.0, "sequence"), (0.75, "gate")]
 
 
-def layer_and_input(capacity_factor, priority, top_k, seed=0):
+def layer_and_input(capacity_factor, priority, top_k, seed=0, backend="auto"):
     torch.manual_seed(seed)
     cfg = MoEConfig(
         num_experts=6,
@@ -21,6 +21,7 @@ def layer_and_input(capacity_factor, priority, top_k, seed=0):
         d_ff=24,
         capacity_factor=capacity_factor,
         capacity_priority=priority,
+        backend=backend,
     )
     return MoELayer(16, cfg), torch.randn(3, 10, 16, requires_grad=True)
 
@@ -64,6 +65,22 @@ def test_layer_is_one_graph_equal_to_eager(capacity_factor, priority, top_k):
         assert eager[1].dropped_fraction > 0  # the capacity path was exercised
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_compiled_dropless_layer_on_grouped_mm_matches_eager(top_k):
+    """Compiled, a dropless bfloat16 layer on the ``torch`` backend calls grouped_mm itself
+    and takes the compiler's backward for it; eager runs our autograd.Function."""
+    layer, x = layer_and_input(0.0, "sequence", top_k, backend="torch")
+    layer, x = layer.bfloat16(), x.detach().bfloat16().requires_grad_()
+    torch._dynamo.reset()
+    eager = loss_and_grads(layer, x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    graph = torch._dynamo.explain(layer)(x).graphs[0]
+    called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert any("grouped_mm" in name for name in called), called
+    assert not any("moe.gmm" in name for name in called), called
+    assert_same(eager, loss_and_grads(compiled, x), atol=2e-2)
+
+
 def test_block_is_one_graph_equal_to_eager():
     torch.manual_seed(0)
     cfg = small_model_config(moe={"num_experts": 4, "top_k": 2, "d_ff": 16, "capacity_factor": 1.0})
@@ -74,8 +91,12 @@ def test_block_is_one_graph_equal_to_eager():
     explained = torch._dynamo.explain(block)(x, cos, sin)
     assert explained.graph_break_count == 0, explained.break_reasons
     eager = loss_and_grads(block, x, cos, sin)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    assert_same(eager, loss_and_grads(compiled, x, cos, sin), atol=0)
+    # aot_eager reruns the same kernels, so the CPU demands equality; on CUDA it replays a
+    # view of an attention gradient whose strides its trace got wrong (pytorch/pytorch#120035),
+    # so there the block compiles as users get it, with inductor, to rounding.
+    cuda = x.is_cuda
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if cuda else "aot_eager")
+    assert_same(eager, loss_and_grads(compiled, x, cos, sin), atol=1e-5 if cuda else 0)
 
 
 @pytest.mark.slow
