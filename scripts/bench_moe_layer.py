@@ -69,8 +69,14 @@ def parse_args() -> argparse.Namespace:
         "--compile",
         choices=("none", "default", "reduce-overhead"),
         default="none",
-        help="torch.compile every implementation (ours and dense with fullgraph=True) in this "
-        "mode; reduce-overhead adds CUDA graphs. Compile time is paid in the warm-ups",
+        help="torch.compile ours and dense (fullgraph=True) in this mode; reduce-overhead adds "
+        "CUDA graphs. Compile time is paid in the warm-ups",
+    )
+    p.add_argument(
+        "--compile-peers",
+        action="store_true",
+        help="with --compile, compile the peers too (by default they run eager, as their "
+        "users get them)",
     )
     p.add_argument("--quick", action="store_true", help="E in {8, 32}, k=1, 3 reps")
     p.add_argument("--json", help="write one JSON row per measurement to this path")
@@ -150,14 +156,20 @@ def build_impls(args, E: int, k: int, dtype: torch.dtype) -> tuple[list[Impl], l
         else:
             impls.append(made)
     if args.compile != "none":
-        impls = [compiled(impl, args.compile) for impl in impls]
+        impls = [
+            compiled(impl, args.compile) if is_ours_or_dense(impl) or args.compile_peers else impl
+            for impl in impls
+        ]
     return impls, skipped
+
+
+def is_ours_or_dense(impl: Impl) -> bool:
+    return impl.name.startswith("ours_") or impl.name == "dense"
 
 
 def compiled(impl: Impl, mode: str) -> Impl:
     """``impl`` with its call compiled: ours and dense as one graph, a peer as it comes."""
-    whole = impl.name.startswith("ours_") or impl.name == "dense"
-    run = torch.compile(impl.run, fullgraph=whole, mode=mode, dynamic=False)
+    run = torch.compile(impl.run, fullgraph=is_ours_or_dense(impl), mode=mode, dynamic=False)
     return Impl(impl.name, impl.module, run)
 
 

@@ -3,7 +3,7 @@
 #   tests          the test suite on CUDA (kernel, layer, model, expert-parallel, import tests;
 #                  the trainer's tests are skipped where hydra/datasets are not installed)
 #   layer_eager    the layer benchmark, eager, float32 and bfloat16, vs transformers' grouped_mm
-#   layer_compiled the same in bfloat16 with every implementation compiled
+#   layer_compiled the same in bfloat16, ours and dense compiled (the peer eager, as its users run it)
 #   layer_graphs   the same compiled with CUDA graphs (mode="reduce-overhead")
 #   gemms          the experts alone vs dense in bfloat16: the ceiling of the layer's %dense
 #   profile        torch.profiler tables of the compiled layer (E=32, k=1) and its dense twin
@@ -54,8 +54,8 @@ for step in $steps; do
         run layer_eager 150 $py scripts/bench_moe_layer.py "${shape[@]}" \
             --peers transformers_grouped_mm --json "$out/layer_eager.json" ;;
     layer_compiled)
-        run layer_compiled 150 $py scripts/bench_moe_layer.py "${shape[@]}" --dtypes bfloat16 \
-            --peers "" --compile default --json "$out/layer_compiled.json" ;;
+        run layer_compiled 170 $py scripts/bench_moe_layer.py "${shape[@]}" --dtypes bfloat16 \
+            --peers transformers_grouped_mm --compile default --json "$out/layer_compiled.json" ;;
     layer_graphs)
         run layer_graphs 150 $py scripts/bench_moe_layer.py "${shape[@]}" --dtypes bfloat16 \
             --peers "" --compile reduce-overhead --json "$out/layer_graphs.json" ;;
