@@ -78,6 +78,7 @@ def make_step(model: MoETransformer, dtype: torch.dtype, device: torch.device):
     def step(ids: torch.Tensor) -> float:
         sync(device)
         start = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs, if any
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(ids[:, :-1])
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
@@ -90,7 +91,9 @@ def make_step(model: MoETransformer, dtype: torch.dtype, device: torch.device):
     return step
 
 
-def bench(name: str, dtype_name: str, steps: int, device: torch.device, compile: str) -> dict:
+def bench(
+    name: str, dtype_name: str, steps: int, device: torch.device, compile: str, mode: str
+) -> dict:
     cfg = preset(name)
     sequences, seq_len = BATCH[name]
     dtype = DTYPES[dtype_name]
@@ -101,7 +104,7 @@ def bench(name: str, dtype_name: str, steps: int, device: torch.device, compile:
     }
     setting = {"true": True, "false": False}.get(compile, compile)
     for model in models.values():  # both or neither: the same setting on the same device
-        compiled = compile_blocks(model, setting, expert_parallel=False)
+        compiled = compile_blocks(model, setting, expert_parallel=False, mode=mode)
     steppers = {kind: make_step(m, dtype, device) for kind, m in models.items()}
     times = {kind: [] for kind in models}
     for i in range(steps + 2):  # two warm-up steps each
@@ -114,6 +117,7 @@ def bench(name: str, dtype_name: str, steps: int, device: torch.device, compile:
     peak = matmul_peak(dtype, device)
     row = {"preset": name, "dtype": dtype_name, "tokens_per_step": tokens, "peak_flops": peak}
     row["compiled"] = compiled
+    row["compile_mode"] = mode if compiled else None
     for kind, model in models.items():
         per_s = tokens / statistics.median(times[kind])
         flops = model.flops_per_token(seq_len)
@@ -141,6 +145,13 @@ def main() -> None:
         help="compile each block of both models, as train.compile does (auto: on CUDA only); "
         "compile time is paid in the two warm-up steps",
     )
+    p.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        default="default",
+        help="torch.compile mode of the blocks (reduce-overhead: CUDA graphs; the trainer "
+        "uses default)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,7 +162,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for name in args.presets.split(","):
         for dtype_name in args.dtypes.split(","):
-            r = bench(name, dtype_name, args.steps, device, args.compile)
+            r = bench(name, dtype_name, args.steps, device, args.compile, args.compile_mode)
             rows.append(r)
             print(
                 f"| {name} | {dtype_name} | {r['compiled']} | {r['moe']['tokens_per_s']:.0f} | "

@@ -20,12 +20,15 @@ def wants_compile(setting: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def compile_blocks(model: nn.Module, setting: bool | str, expert_parallel: bool) -> bool:
-    """Compile each of ``model.blocks`` in place; returns whether it did."""
+def compile_blocks(
+    model: nn.Module, setting: bool | str, expert_parallel: bool, mode: str = "default"
+) -> bool:
+    """Compile each of ``model.blocks`` in place (``mode``: ``torch.compile``'s, which
+    ``scripts/bench_train.py`` varies); returns whether it did."""
     if not wants_compile(setting, next(model.parameters()).device):
         return False
     if setting == "auto":  # the default must not stop a run: fall back to eager instead
         torch._dynamo.config.suppress_errors = True
     for block in model.blocks:
-        block.compile(fullgraph=not expert_parallel)
+        block.compile(fullgraph=not expert_parallel, mode=mode)
     return True
