@@ -119,11 +119,11 @@ def grouped_mm(
     resolved = resolve_backend(backend, x_NI, w_EIO)  # an unknown name fails here
     offsets_E = offsets_E.to(torch.int32)
     if torch.compiler.is_compiling():
-        direct = x_NI.dtype == torch.bfloat16 and torch_gmm_supports(x_NI, w_EIO)
-        if resolved is TORCH and not zero_tail and direct:
-            # PyTorch's own op, whose backward the compiler knows: no Python in the compiled
-            # step (a custom op runs its Python body on every call, ~50 us on a GPU's host).
-            # bfloat16 only: the op's shape function rejects float32 (torch 2.13).
+        # PyTorch's own op, whose backward the compiler knows: no Python in the compiled step
+        # (a custom op runs its Python body on every call, ~50 us on a GPU's host). bfloat16
+        # only: the op's shape function rejects float32 (torch 2.13).
+        bf16 = x_NI.dtype == torch.bfloat16
+        if not zero_tail and resolved is TORCH and bf16 and torch_gmm_supports(x_NI, w_EIO):
             return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
         return gmm_op(x_NI, w_EIO, offsets_E, backend, zero_tail)  # one opaque node
     return _EagerGroupedMM.apply(x_NI, w_EIO, offsets_E, backend, zero_tail)

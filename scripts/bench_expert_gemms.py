@@ -17,26 +17,13 @@ import moe  # noqa: F401  first, as in moe-train: torch's allocator options (moe
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from bench_moe_layer import DTYPES, sync
+from bench_moe_layer import DTYPES, fwd_bwd_time
 from moe.kernels import count_per_expert
 from moe_peers import Impl
 
 from moe.layers import FeedForward, GroupedExperts
-
-
-def fwd_bwd_ms(run, x: torch.Tensor, grad: torch.Tensor, module, device: str) -> float:
-    for p in module.parameters():
-        p.grad = None
-    xi = x.detach().requires_grad_()
-    torch.compiler.cudagraph_mark_step_begin()
-    sync(device)
-    start = time.perf_counter()
-    run(xi).backward(grad)
-    sync(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def group_ends(T: int, E: int, k: int, g: torch.Generator, device: str) -> torch.Tensor:
@@ -72,7 +59,7 @@ def bench(args, E: int, k: int, dtype_name: str) -> dict:
             n = rows[impl.name]
             x = torch.randn(n, D, device=device, dtype=dtype)
             grad = torch.randn(n, D, device=device, dtype=dtype)
-            ms = fwd_bwd_ms(impl.run, x, grad, impl.module, device)
+            ms = fwd_bwd_time(impl, x, grad, device)
             if rep >= args.warmup:
                 times[impl.name].append(ms)
     med = {name: statistics.median(ts) for name, ts in times.items()}
