@@ -19,7 +19,7 @@ import json
 import statistics
 
 import torch
-from bench_moe_layer import DTYPES, fwd_bwd_time
+from bench_moe_layer import DTYPES, add_grid_args, fwd_bwd_time
 from moe.kernels import count_per_expert
 from moe_peers import Impl
 
@@ -80,16 +80,10 @@ def bench(args, E: int, k: int, dtype_name: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=1024, help="hidden width of each expert")
-    p.add_argument("--experts", default="8,32,128", help="comma-separated expert counts")
-    p.add_argument("--top-k", default="1,2", help="comma-separated k values")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    add_grid_args(p)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the rows to this path")
     args = p.parse_args()
     print(

@@ -37,14 +37,20 @@ from moe.layers import FeedForward, MoEConfig, MoELayer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """The layer's shape and the grid of configurations (shared with bench_expert_gemms.py)."""
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=1024, help="hidden width of each expert")
     p.add_argument("--experts", default="8,32,128", help="comma-separated expert counts")
     p.add_argument("--top-k", default="1,2", help="comma-separated k values")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_grid_args(p)
     p.add_argument(
         "--backends",
         default="auto,loop,torch",
@@ -64,7 +70,6 @@ def parse_args() -> argparse.Namespace:
         help="stop running an implementation once its runs (warmups included) pass this "
         "many seconds in one configuration (slow peers; one timed run always stays)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--compile",
         choices=("none", "default", "reduce-overhead"),
