@@ -1,0 +1,77 @@
+"""The benchmark scripts run end to end at toy sizes and their rows add up (no timing is
+judged here: only that every configuration is measured and the ratios are the ratios of
+the times they print). A script that breaks would otherwise be found on a GPU lease."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+GRID = ["--tokens", "64", "--d-model", "32", "--d-ff", "32", "--experts", "4,6", "--top-k", "1,2"]
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def cell(row: dict) -> tuple[int, int]:
+    return row["num_experts"], row["top_k"]
+
+
+def test_layer_benchmark_measures_every_cell(tmp_path):
+    out = tmp_path / "layer.json"
+    run("bench_moe_layer.py", *GRID, "--dtypes", "float32", "--backends", "auto", "--peers", "",
+        "--reps", "2", "--warmup", "1", "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())
+    ms = {(*cell(r), r["impl"]): r["ms"] for r in rows}
+    assert set(ms) == {(E, k, i) for E in (4, 6) for k in (1, 2) for i in ("ours_auto", "dense")}
+    for r in rows:
+        dense = ms[(*cell(r), "dense")]
+        assert r["ms"] > 0 and r["samples"] == 2
+        assert r["pct_of_dense"] == pytest.approx(100 * dense / r["ms"], rel=0.02, abs=0.2)
+        assert r["pct_of_limit"] >= r["pct_of_dense"] - 0.1  # the limit is at least dense
+    assert all(r["max_abs_diff_vs_ours"] == 0 for r in rows if r["impl"] == "ours_auto")
+
+
+def test_experts_alone_benchmark_measures_every_cell(tmp_path):
+    out = tmp_path / "gemms.json"
+    run("bench_expert_gemms.py", *GRID, "--dtypes", "float32", "--reps", "2", "--warmup", "1",
+        "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert {cell(r) for r in rows} == {(E, k) for E in (4, 6) for k in (1, 2)}
+    for r in rows:
+        assert r["experts_ms"] > 0 and r["dense_ms"] > 0
+        ratio = 100 * r["dense_ms"] / r["experts_ms"]
+        assert r["experts_pct_of_dense"] == pytest.approx(ratio, rel=0.02, abs=0.2)
+
+
+def test_training_step_benchmark_reports_ratio_and_mfu(tmp_path):
+    out = tmp_path / "train.json"
+    run("bench_train.py", "--presets", "tiny", "--dtypes", "float32", "--steps", "1",
+        "--compile", "false", "--json", str(out))  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    moe, dense = row["moe"], row["dense"]
+    assert row["moe_over_dense"] == pytest.approx(moe["tokens_per_s"] / dense["tokens_per_s"])
+    for model in (moe, dense):
+        mfu = model["tokens_per_s"] * model["flops_per_token"] / row["peak_flops"]
+        assert model["mfu"] == pytest.approx(mfu) and model["mfu"] > 0
+    assert (
+        moe["params_total"]
+        > moe["params_active"]
+        == pytest.approx(dense["params_active"], rel=0.05)
+    )
+
+
+def test_profile_prints_the_step_table():
+    out = run("profile_moe_layer.py", "--tokens", "64", "--d-model", "32", "--d-ff", "32",
+              "--experts", "4", "--steps", "1", "--rows", "5")  # fmt: skip
+    assert "Self CPU time total" in out and "aten::mm" in out
