@@ -12,8 +12,9 @@ Every backend provides:
   group gets zeros; rows past ``offsets[-1]`` do not count.
 
 Names: ``loop`` (per-expert ``mm``, the reference), ``torch``
-(``torch.nn.functional.grouped_mm``), ``triton`` (our kernels), and ``auto``, which picks
-per primitive what is fastest and correct for the device and dtype.
+(``torch.nn.functional.grouped_mm``), ``triton`` (our GPU kernels), ``avx512`` (our
+bfloat16 CPU kernels, ``cpu_gemm.cpp``), and ``auto``, which picks per primitive what is
+fastest and correct for the device and dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "loop", "torch", "triton")
+BACKENDS = ("auto", "loop", "torch", "triton", "avx512")
 # torch 2.11 runs float32 grouped_mm on CUDA (exact, no TF32; checked on an H100 with this
 # suite); older builds take bfloat16 only there.
 _CUDA_FLOAT32_GROUPED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
@@ -163,9 +164,22 @@ class GemmBackend:
     gmm_wgrad: Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+def avx512_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
+    from . import cpu_gemm
+
+    return cpu_gemm.gmm(x_NI, w_EIO, offsets_E, zero_tail)
+
+
+def avx512_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    from . import cpu_gemm
+
+    return cpu_gemm.gmm_wgrad(x_NI, dy_NO, offsets_E)
+
+
 LOOP = GemmBackend("loop", loop_gmm, loop_gmm_wgrad)
 TORCH = GemmBackend("torch", torch_gmm, torch_gmm_wgrad)
 TRITON = GemmBackend("triton", triton_gmm, triton_gmm_wgrad)
+AVX512 = GemmBackend("avx512", avx512_gmm, avx512_gmm_wgrad)
 
 
 def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
@@ -176,6 +190,8 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
         return TORCH
     if name == "triton":
         return TRITON
+    if name == "avx512":
+        return AVX512
     if name != "auto":
         raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
     if x_NI.is_cuda:
@@ -183,7 +199,13 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
             return TORCH
         use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
-    # On the CPU, per-expert mm into slices of one output beats grouped_mm, which
-    # concatenates per-group results and whose weight gradient is 2-4x slower
-    # (scripts/bench_moe_layer.py times both).
+    # On the CPU, bfloat16 runs on our kernels where the CPU has AVX512-BF16
+    # (cpu_gemm.cpp says why); otherwise per-expert mm into slices of one output beats
+    # grouped_mm, which concatenates per-group results and whose weight gradient is 2-4x
+    # slower (scripts/bench_moe_layer.py times them all).
+    if x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16:
+        from . import cpu_gemm
+
+        if cpu_gemm.avx512_available():
+            return AVX512
     return LOOP

@@ -2,6 +2,7 @@ import pytest
 import torch
 from moe.kernels import grouped_mm, resolve_backend, torch_gmm_supports
 from moe.kernels.backends import triton_available
+from moe.kernels.cpu_gemm import avx512_available, cpu_has_avx512_bf16
 
 from tests.reference import generator, on_cpu, reference_gmm
 
@@ -17,6 +18,8 @@ CASES = {
     "single_row": ([0, 1], 4, 4),
     "odd_sizes": ([5, 0, 3], 13, 7),
     "many_tiles": ([70, 1, 0, 130], 40, 72),
+    # Past every tile and block size of the avx512 kernels, odd in every dim.
+    "large_odd": ([201, 3, 0, 77, 33], 131, 301),
 }
 
 
@@ -112,6 +115,59 @@ def test_bfloat16_close_to_float32(backend):
     torch.testing.assert_close(wb.grad.float(), w.grad, rtol=2e-2, atol=6e-1)
 
 
+needs_avx512 = pytest.mark.skipif(
+    not (cpu_has_avx512_bf16() and avx512_available()),
+    reason="the avx512 backend needs a CPU with AVX512-BF16 and a C++ compiler",
+)
+
+
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_avx512_matches_float64_on_the_same_bfloat16_inputs(case, transposed):
+    """The kernels multiply bfloat16 exactly and accumulate in float32, so against float64
+    on the same inputs only the final rounding to bfloat16 (2^-9 relative) remains."""
+    counts, K, P = CASES[case]
+    E, N = len(counts), sum(counts)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(N * 5 + K)
+    x = torch.randn(N, K, generator=g).bfloat16().requires_grad_()
+    shape = (E, P, K) if transposed else (E, K, P)
+    w_param = torch.randn(shape, generator=g).bfloat16().requires_grad_()
+    w = w_param.transpose(1, 2) if transposed else w_param
+    dy = torch.randn(N, P, generator=g).bfloat16()
+
+    y = grouped_mm(x, w, offsets, backend="avx512")
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    wd = w_param.detach().double().requires_grad_()
+    y_ref = reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets)
+    if N:
+        y_ref.backward(dy.double())
+    tol = {"rtol": 2**-8, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.double(), xd.grad if N else torch.zeros_like(xd), **tol)
+    torch.testing.assert_close(w_param.grad.double(), wd.grad if N else torch.zeros_like(wd), **tol)
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.count_nonzero(w_param.grad[e]) == 0
+    assert w_param.grad.stride() == w_param.stride()
+
+
+@needs_avx512
+@on_cpu
+def test_avx512_zeroes_rows_past_the_groups_and_rejects_float32():
+    x = torch.randn(20, 16).bfloat16().requires_grad_()
+    w = torch.randn(3, 16, 24).bfloat16().requires_grad_()
+    y = grouped_mm(x, w, torch.tensor([5, 5, 14], dtype=torch.int32), "avx512")
+    y.backward(torch.randn(20, 24).bfloat16())
+    assert torch.count_nonzero(y[14:]) == 0 and torch.count_nonzero(x.grad[14:]) == 0
+    assert torch.count_nonzero(y[:14]) > 0
+    with pytest.raises(ValueError, match="backend='avx512' runs bfloat16"):
+        grouped_mm(torch.randn(4, 16), torch.randn(2, 16, 8), torch.tensor([1, 4]), "avx512")
+
+
 @on_cpu
 def test_autocast_casts_operands():
     offsets = torch.tensor([3, 5], dtype=torch.int32)
@@ -122,9 +178,11 @@ def test_autocast_casts_operands():
 
 
 @on_cpu
-def test_auto_on_cpu_picks_the_loop():
+def test_auto_on_cpu_picks_the_loop_or_our_bfloat16_kernels():
     x, w = torch.randn(4, 16), torch.randn(2, 16, 8)
     assert resolve_backend("auto", x, w).name == "loop"
+    bf16 = resolve_backend("auto", x.bfloat16(), w.bfloat16()).name
+    assert bf16 == ("avx512" if cpu_has_avx512_bf16() and avx512_available() else "loop")
 
 
 def test_bad_arguments_fail_with_one_clear_line():

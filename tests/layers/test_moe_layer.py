@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F_
 from moe.kernels import expert_capacity, torch_gmm_supports
 from moe.kernels.backends import triton_available
+from moe.kernels.cpu_gemm import avx512_available
 
 from moe.layers import FeedForward, MoEConfig, MoELayer
 from tests.reference import on_cpu, reference_moe
@@ -234,6 +235,31 @@ def test_bfloat16_autocast_keeps_router_in_float32():
     assert aux.aux_loss.dtype == torch.float32
     y32, _ = layer(x)
     torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not avx512_available(), reason="needs AVX512-BF16 and a C++ compiler")
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity"])
+@on_cpu
+def test_avx512_layer_under_autocast_matches_the_loop_backend(capacity_factor):
+    """How bfloat16 training runs on the CPU: float32 weights, autocast. Our kernels and
+    oneDNN's per-expert matmuls differ only in summation order and bfloat16 rounding."""
+    T, D, F, E, k = 70, 48, 40, 6, 2
+    layers = {}
+    for backend in ("avx512", "loop"):
+        layers[backend], x = build(backend, T, D, F, E, k, capacity_factor, torch.float32)
+    layers["loop"].load_state_dict(layers["avx512"].state_dict())
+    g = torch.randn(T, D)
+    results = {}
+    for backend, layer in layers.items():
+        xb = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, aux = layer(xb)
+        loss = (y.float() * g).sum() + 0.3 * aux.aux_loss
+        results[backend] = [y.float(), *torch.autograd.grad(loss, [xb, *params_of(layer)])]
+    for name, a, b in zip(["y", "x", "router", "w_in", "w_out"], *results.values(), strict=True):
+        scale = b.abs().max().item()
+        tol = {"rtol": 2e-2, "atol": 2e-2 * scale}
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -1,0 +1,92 @@
+"""The ``avx512`` backend: our grouped bfloat16 GEMMs for CPUs with AVX512-BF16.
+
+Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
+
+The kernels are in ``cpu_gemm.cpp`` (why they exist is at its top). PyTorch's extension
+builder compiles them the first time they are needed (about 30 s on 2 cores, with the
+system's C++ compiler and ninja) and caches the result under ``~/.cache/torch_extensions``
+(``TORCH_EXTENSIONS_DIR`` moves it). Where they cannot be built or the CPU lacks the
+instructions, ``auto`` keeps per-expert matmuls (the ``loop`` backend).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
+# -fopenmp: at::parallel_for is inline OpenMP; the process shares torch's OpenMP runtime.
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no build flags for it either
+        return False
+    flag_lines = (line for line in cpuinfo.splitlines() if line.startswith("flags"))
+    return any("avx512_bf16" in line.split() for line in flag_lines)
+
+
+@functools.cache
+def _module():
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name="moe_cpu_gemm",
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+@torch.compiler.assume_constant_result  # a compiled graph asks once, at trace time
+@functools.cache
+def avx512_available() -> bool:
+    """Whether this CPU has AVX512-BF16 and the kernels build (built here on first call)."""
+    if not cpu_has_avx512_bf16():
+        return False
+    try:
+        _module()
+    except Exception as err:  # no compiler or ninja: the loop backend still works
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(
+            f"the avx512 grouped GEMM could not be built ({reason}); "
+            "bfloat16 experts on this CPU use per-expert matmuls instead",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def supports(x_NI: Tensor) -> bool:
+    return x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16 and avx512_available()
+
+
+def _require(x_NI: Tensor) -> None:
+    if not supports(x_NI):
+        raise ValueError(
+            f"backend='avx512' runs bfloat16 on CPUs with AVX512-BF16 where its kernels build; "
+            f"got {x_NI.dtype} on {x_NI.device.type}"
+            f"{'' if cpu_has_avx512_bf16() else ' (this CPU lacks avx512_bf16)'}; "
+            "use backend='auto'"
+        )
+
+
+def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
+    """Rows past the groups always come out zero (a slice of the output, free here)."""
+    _require(x_NI)
+    x_NI = x_NI.contiguous()
+    w_EOI = w_EIO.transpose(1, 2)
+    if w_EOI.is_contiguous():  # the forward of nn.Linear-layout experts
+        return _module().gmm_x_wt(x_NI, w_EOI, offsets_E)
+    return _module().gmm_x_w(x_NI, w_EIO.contiguous(), offsets_E)
+
+
+def gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    _require(x_NI)
+    return _module().gmm_at_b(x_NI.contiguous(), dy_NO.contiguous(), offsets_E)
