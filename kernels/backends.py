@@ -170,10 +170,10 @@ def avx512_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool =
     return cpu_gemm.gmm(x_NI, w_EIO, offsets_E, zero_tail)
 
 
-def avx512_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+def avx512_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, **out_dtype) -> Tensor:
     from . import cpu_gemm
 
-    return cpu_gemm.gmm_wgrad(x_NI, dy_NO, offsets_E)
+    return cpu_gemm.gmm_wgrad(x_NI, dy_NO, offsets_E, **out_dtype)
 
 
 LOOP = GemmBackend("loop", loop_gmm, loop_gmm_wgrad)

@@ -78,7 +78,8 @@ def _require(x_NI: Tensor) -> None:
 
 
 def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
-    """Rows past the groups always come out zero (a slice of the output, free here)."""
+    """Rows past the groups always come out zero (a slice of the output, free here). ``w``
+    may be float32 (autocast's weight, rounded to bfloat16 inside the kernel)."""
     _require(x_NI)
     x_NI = x_NI.contiguous()
     w_EOI = w_EIO.transpose(1, 2)
@@ -87,6 +88,16 @@ def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) 
     return _module().gmm_x_w(x_NI, w_EIO.contiguous(), offsets_E)
 
 
-def gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+def gmm_wgrad(
+    x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """``out_dtype=torch.float32``: the gradient of a float32 weight, straight from the
+    float32 accumulators."""
     _require(x_NI)
-    return _module().gmm_at_b(x_NI.contiguous(), dy_NO.contiguous(), offsets_E)
+    out_float32 = out_dtype == torch.float32
+    return _module().gmm_at_b(x_NI.contiguous(), dy_NO.contiguous(), offsets_E, out_float32)
+
+
+def keeps_float32_weight(x_NI: Tensor, w_EIO: Tensor) -> bool:
+    """Whether a float32 weight can go to the kernels as it is under bfloat16 autocast."""
+    return w_EIO.dtype == torch.float32 and supports(x_NI)

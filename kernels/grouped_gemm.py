@@ -25,15 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import TORCH, resolve_backend, torch_gmm_supports
+from .backends import AVX512, TORCH, resolve_backend, torch_gmm_supports
+from .cpu_gemm import keeps_float32_weight
 
 
 def _gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str, zero_tail: bool) -> Tensor:
     return resolve_backend(backend, x_NI, w_EIO).gmm(x_NI, w_EIO, offsets_E, zero_tail)
 
 
+def _wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, backend: str, **out_dtype) -> Tensor:
+    """``out_dtype``: only for a float32 weight with bfloat16 rows (``avx512``, eager)."""
+    resolved = resolve_backend(backend, x_NI, dy_NO.unsqueeze(0))
+    return resolved.gmm_wgrad(x_NI, dy_NO, offsets_E, **out_dtype)
+
+
 def _gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, backend: str) -> Tensor:
-    return resolve_backend(backend, x_NI, dy_NO.unsqueeze(0)).gmm_wgrad(x_NI, dy_NO, offsets_E)
+    return _wgrad(x_NI, dy_NO, offsets_E, backend)
 
 
 gmm_op = torch.library.custom_op("moe::gmm", _gmm, mutates_args=())
@@ -64,10 +71,11 @@ def _gradients(ctx, dy_NO: Tensor, gmm, gmm_wgrad):
     if ctx.needs_input_grad[0]:
         dx = gmm(dy_NO, w_EIO.transpose(1, 2), offsets_E, ctx.backend, ctx.zero_tail)
     if ctx.needs_input_grad[1]:
+        mixed = {"out_dtype": w_EIO.dtype} if w_EIO.dtype != x_NI.dtype else {}
         if w_EIO.transpose(1, 2).is_contiguous() and not w_EIO.is_contiguous():
-            dw = gmm_wgrad(dy_NO, x_NI, offsets_E, ctx.backend).transpose(1, 2)
+            dw = gmm_wgrad(dy_NO, x_NI, offsets_E, ctx.backend, **mixed).transpose(1, 2)
         else:
-            dw = gmm_wgrad(x_NI, dy_NO, offsets_E, ctx.backend)
+            dw = gmm_wgrad(x_NI, dy_NO, offsets_E, ctx.backend, **mixed)
     return dx, dw, None, None, None
 
 
@@ -88,7 +96,7 @@ class _EagerGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_NO):
-        return _gradients(ctx, dy_NO, _gmm, _gmm_wgrad)
+        return _gradients(ctx, dy_NO, _gmm, _wgrad)
 
 
 def grouped_mm(
@@ -101,7 +109,9 @@ def grouped_mm(
     (copies dropped by capacity) come out zero, here and in the input gradient.
     ``zero_tail=False`` promises ``offsets[-1] == N`` (a dropless layer) and skips zeroing
     them: on a GPU a read and a write of the output per GEMM. Under autocast the operands
-    are cast to the autocast dtype, as ``torch.mm`` would be.
+    are cast to the autocast dtype, as ``torch.mm`` would be (the ``avx512`` backend rounds
+    a float32 weight inside its kernels instead, to the same values, and returns its
+    gradient in float32 without a bfloat16 round trip).
     """
     if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
         raise ValueError(
@@ -111,10 +121,20 @@ def grouped_mm(
     if offsets_E.shape != (w_EIO.shape[0],):
         raise ValueError(f"offsets must have one entry per expert ({w_EIO.shape[0]})")
     device_type = x_NI.device.type
+    float32_weight = False
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x_NI, w_EIO = x_NI.to(dtype), w_EIO.to(dtype)
-    if x_NI.dtype != w_EIO.dtype:
+        x_NI = x_NI.to(dtype)
+        # Our CPU kernels round a float32 weight block by block (cpu_gemm.cpp); everything
+        # else gets the cast copy. Eager only: the custom ops' shapes assume one dtype.
+        float32_weight = (
+            not torch.compiler.is_compiling()
+            and keeps_float32_weight(x_NI, w_EIO)
+            and resolve_backend(backend, x_NI, w_EIO) is AVX512
+        )
+        if not float32_weight:
+            w_EIO = w_EIO.to(dtype)
+    if x_NI.dtype != w_EIO.dtype and not float32_weight:
         raise ValueError(f"grouped_mm operands differ in dtype: {x_NI.dtype} vs {w_EIO.dtype}")
     resolved = resolve_backend(backend, x_NI, w_EIO)  # an unknown name fails here
     offsets_E = offsets_E.to(torch.int32)

@@ -168,6 +168,36 @@ def test_avx512_zeroes_rows_past_the_groups_and_rejects_float32():
         grouped_mm(torch.randn(4, 16), torch.randn(2, 16, 8), torch.tensor([1, 4]), "avx512")
 
 
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
+def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed):
+    """Under autocast a float32 weight goes to the kernels as it is: the same outputs and
+    input gradient as the bfloat16 copy autocast would make, bit for bit, and a float32
+    weight gradient with no bfloat16 rounding (float64-close to 1e-5, where the rounded one
+    is 2^-9 off)."""
+    counts, K, P = CASES["large_odd"]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(3)
+    x = torch.randn(sum(counts), K, generator=g)
+    w32 = torch.randn((len(counts), P, K) if transposed else (len(counts), K, P), generator=g)
+    dy = torch.randn(sum(counts), P, generator=g).bfloat16()
+    results = []
+    for w in (w32.clone(), w32.bfloat16()):
+        xg, wg = x.clone().requires_grad_(), w.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = grouped_mm(xg, wg.transpose(1, 2) if transposed else wg, offsets, "avx512")
+        y.backward(dy)
+        results.append((y, xg.grad, wg.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_bf16) = results
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert dw.dtype == torch.float32 and torch.equal(dw.bfloat16(), dw_bf16)
+    xd, wd = x.bfloat16().double(), w32.bfloat16().double().requires_grad_()
+    reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets).backward(dy.double())
+    torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-5, atol=1e-4)
+    assert (dw_bf16.double() - wd.grad).abs().max() > 1e-2  # what the round trip would cost
+
+
 @on_cpu
 def test_autocast_casts_operands():
     offsets = torch.tensor([3, 5], dtype=torch.int32)
