@@ -37,10 +37,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BATCH = {"tiny": (16, 128), "small": (8, 256), "gpu_1b": (8, 2048)}  # sequences, tokens
 
 
-def preset(name: str) -> ModelConfig:
+def preset(name: str, backend: str = "auto") -> ModelConfig:
     values = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     values.pop("defaults", None)
-    return from_dict(ModelConfig, values, "model.")
+    cfg = from_dict(ModelConfig, values, "model.")
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, backend=backend))
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
@@ -92,9 +93,15 @@ def make_step(model: MoETransformer, dtype: torch.dtype, device: torch.device):
 
 
 def bench(
-    name: str, dtype_name: str, steps: int, device: torch.device, compile: str, mode: str
+    name: str,
+    dtype_name: str,
+    steps: int,
+    device: torch.device,
+    compile: str,
+    mode: str,
+    backend: str = "auto",
 ) -> dict:
-    cfg = preset(name)
+    cfg = preset(name, backend)
     sequences, seq_len = BATCH[name]
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
@@ -117,6 +124,7 @@ def bench(
     peak = matmul_peak(dtype, device)
     row = {"preset": name, "dtype": dtype_name, "tokens_per_step": tokens, "peak_flops": peak}
     row["compiled"] = compiled
+    row["backend"] = backend
     row["compile_mode"] = mode if compiled else None
     for kind, model in models.items():
         per_s = tokens / statistics.median(times[kind])
@@ -152,6 +160,9 @@ def main() -> None:
         help="torch.compile mode of the blocks (reduce-overhead: CUDA graphs; the trainer "
         "uses default)",
     )
+    p.add_argument(
+        "--backend", default="auto", help="the MoE layers' grouped GEMM backend (model.moe.backend)"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +173,9 @@ def main() -> None:
     print("|" + "---|" * len(header))
     for name in args.presets.split(","):
         for dtype_name in args.dtypes.split(","):
-            r = bench(name, dtype_name, args.steps, device, args.compile, args.compile_mode)
+            r = bench(
+                name, dtype_name, args.steps, device, args.compile, args.compile_mode, args.backend
+            )
             rows.append(r)
             print(
                 f"| {name} | {dtype_name} | {r['compiled']} | {r['moe']['tokens_per_s']:.0f} | "
