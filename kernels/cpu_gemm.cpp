@@ -1,16 +1,18 @@
-// Grouped bfloat16 GEMMs for CPUs with AVX512-BF16: the `avx512` backend of moe.kernels.
+// Grouped GEMMs for x86 CPUs with AVX-512 (and AVX512-BF16): the `avx512` backend of
+// moe.kernels, in bfloat16 and float32.
 //
-// Why our own: oneDNN, which runs torch's bfloat16 matmuls on the CPU, packs the whole
-// weight into its blocked layout on every call and compiles a kernel for every new row
-// count. An expert's group is 32-512 rows, and routing changes the counts every step, so
-// both costs land on every call. Here the weight is read in its stored layout and only
-// small panels are packed into cache, and one compiled kernel serves every shape.
+// Why our own: the library GEMMs under torch.mm pack the whole weight into their own layout
+// on every call (and oneDNN, for bfloat16, compiles a kernel for every new row count). An
+// expert's group is 32-512 rows and routing changes the counts every step, so both costs
+// land on every call. Here the weight is read in its stored layout, only cache-sized panels
+// of the other operand are packed, and one compiled kernel serves every shape.
 //
-// The micro-kernel: C[r][0:32] += sum over k-pairs of A(r, kp) . B(kp, 0:32), where one
-// `vdpbf16ps` multiplies a broadcast pair of A's bfloat16 values with 16 pairs of B's and
-// accumulates in float32. A is read where it lies (any row and pair stride); B comes as a
-// packed panel [k-pairs][32 columns] of pairs. Each GEMM below picks which operand plays A
-// so that the large one (the weight, or the weight gradient's output) needs no packing.
+// The micro-kernel: C[r][0:32] += sum over k-words of A(r, kw) . B(kw, 0:32) with float32
+// accumulators. A word is 32 bits: a pair of bfloat16 values along k (one `vdpbf16ps`
+// multiplies a broadcast pair of A with 16 pairs of B) or one float32 (`vfmadd`). A is read
+// where it lies (any row and word stride); B comes as a packed panel [k-words][32 columns].
+// Each GEMM below picks which operand plays A so that the large one (the weight, or the
+// weight gradient's output) needs no packing.
 //
 // Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
@@ -19,7 +21,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -31,38 +36,52 @@ constexpr int OB = 96;   // weight rows per task in x @ w^T
 
 using bf16 = uint16_t;
 
-inline uint32_t load_pair(const bf16* p) {
+// Values of k per 32-bit word: a bfloat16 pair, or one float32.
+template <typename T>
+constexpr int KW = std::is_same_v<T, bf16> ? 2 : 1;
+
+template <typename T>
+int64_t words_for(int64_t k) { return (k + KW<T> - 1) / KW<T>; }
+
+inline uint32_t load_word(const void* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
 
-// acc[2r], acc[2r+1] = row r of the tile. A pair (r, kp) is at a + r*a_rs + kp*a_ks;
-// k_odd adds one last k whose partner is zero (B's packed panel holds zeros there).
-template <int R>
-void micro(const bf16* a, int64_t a_rs, int64_t a_ks, int64_t kpairs, bool k_odd,
+// acc[2r], acc[2r+1] = row r of the tile. Word (r, kw) of A is at a + r*a_rs + kw*a_ks
+// (strides in elements); k_odd (bfloat16 only) adds one last k whose partner is zero (B's
+// packed panel holds zeros there).
+template <typename T, int R>
+void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd,
            const uint32_t* b, __m512* acc) {
   __m512 c[R][2];
   for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < kpairs; ++kp) {
-    __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * NR);
-    __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * NR + 16);
-    const bf16* ak = a + kp * a_ks;
+  for (int64_t kw = 0; kw < kwords; ++kw) {
+    const __m512i b0 = _mm512_loadu_si512(b + kw * NR), b1 = _mm512_loadu_si512(b + kw * NR + 16);
+    const T* ak = a + kw * a_ks;
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
-      __m512bh av = (__m512bh)_mm512_set1_epi32(load_pair(ak + r * a_rs));
-      c[r][0] = _mm512_dpbf16_ps(c[r][0], av, b0);
-      c[r][1] = _mm512_dpbf16_ps(c[r][1], av, b1);
+      if constexpr (std::is_same_v<T, bf16>) {
+        __m512bh av = (__m512bh)_mm512_set1_epi32(load_word(ak + r * a_rs));
+        c[r][0] = _mm512_dpbf16_ps(c[r][0], av, (__m512bh)b0);
+        c[r][1] = _mm512_dpbf16_ps(c[r][1], av, (__m512bh)b1);
+      } else {
+        __m512 av = _mm512_set1_ps(ak[r * a_rs]);
+        c[r][0] = _mm512_fmadd_ps(av, _mm512_castsi512_ps(b0), c[r][0]);
+        c[r][1] = _mm512_fmadd_ps(av, _mm512_castsi512_ps(b1), c[r][1]);
+      }
     }
   }
-  if (k_odd) {
-    __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kpairs * NR);
-    __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kpairs * NR + 16);
-    const bf16* ak = a + kpairs * a_ks;
-    for (int r = 0; r < R; ++r) {
-      __m512bh av = (__m512bh)_mm512_set1_epi32((uint32_t)ak[r * a_rs]);
-      c[r][0] = _mm512_dpbf16_ps(c[r][0], av, b0);
-      c[r][1] = _mm512_dpbf16_ps(c[r][1], av, b1);
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (k_odd) {
+      const __m512i b0 = _mm512_loadu_si512(b + kwords * NR), b1 = _mm512_loadu_si512(b + kwords * NR + 16);
+      const bf16* ak = a + kwords * a_ks;
+      for (int r = 0; r < R; ++r) {
+        __m512bh av = (__m512bh)_mm512_set1_epi32((uint32_t)ak[r * a_rs]);
+        c[r][0] = _mm512_dpbf16_ps(c[r][0], av, (__m512bh)b0);
+        c[r][1] = _mm512_dpbf16_ps(c[r][1], av, (__m512bh)b1);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -71,10 +90,23 @@ void micro(const bf16* a, int64_t a_rs, int64_t a_ks, int64_t kpairs, bool k_odd
   }
 }
 
-using MicroFn = void (*)(const bf16*, int64_t, int64_t, int64_t, bool, const uint32_t*, __m512*);
-constexpr MicroFn MICRO[MR + 1] = {nullptr,    &micro<1>, &micro<2>,  &micro<3>,  &micro<4>,
-                                   &micro<5>,  &micro<6>, &micro<7>,  &micro<8>,  &micro<9>,
-                                   &micro<10>, &micro<11>, &micro<12>};
+template <typename T>
+using MicroFn = void (*)(const T*, int64_t, int64_t, int64_t, bool, const uint32_t*, __m512*);
+
+template <typename T, size_t... Rs>
+constexpr std::array<MicroFn<T>, MR + 1> micro_table(std::index_sequence<Rs...>) {
+  return {nullptr, &micro<T, Rs + 1>...};
+}
+
+// MICRO<T>[R]: the micro-kernel for R rows.
+template <typename T>
+constexpr auto MICRO = micro_table<T>(std::make_index_sequence<MR>{});
+
+// A micro-kernel call on R rows of A stored row-major (row stride ld, k along the row).
+template <typename T>
+void micro_rows(int R, const T* a, int64_t ld, int64_t k, const uint32_t* b, __m512* acc) {
+  MICRO<T>[R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc);
+}
 
 inline __mmask16 first_lanes(int n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
@@ -99,13 +131,26 @@ void store_tile(const __m512* acc, int rows, int cols, float* c, int64_t ldc) {
   }
 }
 
-// 16 values (the first lanes of m) widened to the low halves of 32-bit lanes, from
-// bfloat16 as they are or from float32 rounded to bfloat16 (to nearest even, as .to() does).
-inline __m512i load_as_pair_halves(const bf16* p, __mmask16 m) {
+// The tile transposed: element (r, j) to c[j * ldc + r].
+template <typename Out>
+void store_tile_transposed(const __m512* acc, int rows, int cols, Out* c, int64_t ldc) {
+  alignas(64) Out t[MR][NR];
+  store_tile(acc, rows, NR, &t[0][0], NR);
+  for (int j = 0; j < cols; ++j)
+    for (int r = 0; r < rows; ++r) c[j * ldc + r] = t[r][j];
+}
+
+// 16 values (the first lanes of m) as 32-bit lanes: float32 as they are, or bfloat16 in the
+// low halves, from bfloat16 or from float32 rounded to nearest even (as .to() rounds).
+template <typename T>
+__m512i load_lanes(const bf16* p, __mmask16 m) {
   return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
 }
-inline __m512i load_as_pair_halves(const float* p, __mmask16 m) {
-  return _mm512_cvtepu16_epi32(to_bf16(_mm512_maskz_loadu_ps(m, p)));
+template <typename T>
+__m512i load_lanes(const float* p, __mmask16 m) {
+  __m512 v = _mm512_maskz_loadu_ps(m, p);
+  if constexpr (std::is_same_v<T, bf16>) return _mm512_cvtepu16_epi32(to_bf16(v));
+  return _mm512_castps_si512(v);
 }
 
 // n float32 values rounded to bfloat16.
@@ -116,53 +161,46 @@ void round_to_bf16(const float* src, int64_t n, bf16* dst) {
   }
 }
 
-// The tile transposed: element (r, j) to c[j * ldc + r].
-void store_tile_transposed(const __m512* acc, int rows, int cols, bf16* c, int64_t ldc) {
-  alignas(64) bf16 t[MR][NR];
-  for (int r = 0; r < rows; ++r) {
-    _mm256_store_si256((__m256i*)&t[r][0], to_bf16(acc[2 * r]));
-    _mm256_store_si256((__m256i*)&t[r][16], to_bf16(acc[2 * r + 1]));
-  }
-  for (int j = 0; j < cols; ++j)
-    for (int r = 0; r < rows; ++r) c[j * ldc + r] = t[r][j];
-}
-
-// Row pairs of src (rows x cols, row stride ld) into panels of NR columns, zero-padded:
-// dst[p][kp][j] = (src[2kp][p*NR + j], src[2kp + 1][p*NR + j]), in bfloat16.
-template <typename T>
-void pack_row_pairs(const T* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* dst) {
-  int64_t kpairs = (rows + 1) / 2;
+// src (k rows x cols, row stride ld; S = bfloat16 or float32) into panels of NR columns of
+// T words, zero-padded: dst[p][kw][j] = src[kw][p*NR + j] for float32, and the pair
+// (src[2kw][p*NR + j], src[2kw + 1][p*NR + j]) for bfloat16.
+template <typename T, typename S>
+void pack_rows(const S* src, int64_t ld, int64_t k, int64_t cols, uint32_t* dst) {
+  const int64_t kwords = words_for<T>(k);
   for (int64_t p = 0; p * NR < cols; ++p) {
-    int w = (int)std::min<int64_t>(NR, cols - p * NR);
-    uint32_t* d = dst + p * kpairs * NR;
-    for (int64_t kp = 0; kp < kpairs; ++kp) {
-      const T* r0 = src + 2 * kp * ld + p * NR;
-      bool second = 2 * kp + 1 < rows;
+    const int w = (int)std::min<int64_t>(NR, cols - p * NR);
+    uint32_t* d = dst + p * kwords * NR;
+    for (int64_t kw = 0; kw < kwords; ++kw) {
+      const S* r0 = src + KW<T> * kw * ld + p * NR;
       for (int h = 0; h < 2; ++h) {
-        __mmask16 m = first_lanes(w - 16 * h);
-        __m512i lo = load_as_pair_halves(r0 + 16 * h, m);
-        __m512i hi = second ? load_as_pair_halves(r0 + ld + 16 * h, m) : _mm512_setzero_si512();
-        _mm512_storeu_si512(d + kp * NR + 16 * h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        const __mmask16 m = first_lanes(w - 16 * h);
+        __m512i v = load_lanes<T>(r0 + 16 * h, m);
+        if constexpr (std::is_same_v<T, bf16>) {
+          __m512i hi = 2 * kw + 1 < k ? load_lanes<T>(r0 + ld + 16 * h, m) : _mm512_setzero_si512();
+          v = _mm512_or_si512(v, _mm512_slli_epi32(hi, 16));
+        }
+        _mm512_storeu_si512(d + kw * NR + 16 * h, v);
       }
     }
   }
 }
 
-// Panels of NR rows of src (rows x k, row stride ld), transposed by pairs, zero-padded:
-// dst[p][kp][j] = (src[p*NR + j][2kp], src[p*NR + j][2kp + 1]).
-void pack_transposed_pairs(const bf16* src, int64_t ld, int64_t rows, int64_t k, uint32_t* dst) {
-  int64_t kpairs = (k + 1) / 2, full = k / 2;
+// Panels of NR rows of src (rows x k, row stride ld), transposed by words, zero-padded:
+// dst[p][kw][j] = word kw of row p*NR + j.
+template <typename T>
+void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t k, uint32_t* dst) {
+  const int64_t kwords = words_for<T>(k), full = k / KW<T>;
   for (int64_t p = 0; p * NR < rows; ++p) {
-    uint32_t* d = dst + p * kpairs * NR;
+    uint32_t* d = dst + p * kwords * NR;
     for (int j = 0; j < NR; ++j) {
-      int64_t r = p * NR + j;
+      const int64_t r = p * NR + j;
       if (r >= rows) {
-        for (int64_t kp = 0; kp < kpairs; ++kp) d[kp * NR + j] = 0;
+        for (int64_t kw = 0; kw < kwords; ++kw) d[kw * NR + j] = 0;
         continue;
       }
-      const bf16* s = src + r * ld;
-      for (int64_t kp = 0; kp < full; ++kp) d[kp * NR + j] = load_pair(s + 2 * kp);
-      if (k & 1) d[full * NR + j] = s[k - 1];
+      const T* s = src + r * ld;
+      for (int64_t kw = 0; kw < full; ++kw) d[kw * NR + j] = load_word(s + KW<T> * kw);
+      if (full < kwords) d[full * NR + j] = (uint32_t)s[k - 1];  // bfloat16, k odd
     }
   }
 }
@@ -175,18 +213,23 @@ std::vector<int64_t> group_bounds(const at::Tensor& offsets) {
   return b;
 }
 
-const bf16* data(const at::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
-bf16* data_mut(at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>()); }
+template <typename T>
+T* data(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, bf16>) return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+  else return t.data_ptr<float>();
+}
 
-void check(const at::Tensor& t, const char* name, bool float32_ok = false) {
-  const bool dtype_ok = t.scalar_type() == at::kBFloat16 || (float32_ok && t.scalar_type() == at::kFloat);
-  TORCH_CHECK(dtype_ok && t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous ",
-              float32_ok ? "bfloat16 or float32" : "bfloat16", " CPU tensor");
+bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+void check(const at::Tensor& t, const char* name) {
+  const bool dtype_ok = is_bf16(t) || t.scalar_type() == at::kFloat;
+  TORCH_CHECK(dtype_ok && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous bfloat16 or float32 CPU tensor");
 }
 
 // Packing buffers: uninitialized, and from torch's allocator, which gives large ones huge
 // pages where enabled (moe sets THP_MEM_ALLOC_ENABLE), so first touch costs few page faults.
-at::Tensor scratch(int64_t words) { return at::empty({std::max<int64_t>(words, 1)}, at::kInt); }
+at::Tensor scratch(int64_t n) { return at::empty({std::max<int64_t>(n, 1)}, at::kInt); }
 uint32_t* words(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
 
 at::Tensor output_rows(const at::Tensor& x, int64_t cols, int64_t covered) {
@@ -195,106 +238,100 @@ at::Tensor output_rows(const at::Tensor& x, int64_t cols, int64_t covered) {
   return y;
 }
 
-}  // namespace
-
-// A float32 weight (autocast's master copy) is rounded to bfloat16 inside the kernels, a
-// block at a time in cache, instead of as a whole new tensor before them: that cast and the
-// cast of the bfloat16 gradient back were 14% of a small bfloat16 CPU training step.
+// A float32 weight with bfloat16 rows (autocast's master copy) is rounded to bfloat16 inside
+// the kernels, a block at a time in cache, instead of as a whole new tensor before them:
+// that cast and the cast of the bfloat16 gradient back were 14% of a small bfloat16 CPU
+// training step.
 
 // y[g] = x[g] @ w[e]^T with w [E, O, I] (the nn.Linear layout): computed as y^T = w @ x^T,
-// so the weight is A, read in place (a float32 one rounded a block of MR rows at a time),
-// and x^T is packed once per group.
-at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
-  check(x, "x");
-  check(w, "w", true);
-  const bool w32 = w.scalar_type() == at::kFloat;
-  const int64_t I = x.size(1), E = w.size(0), O = w.size(1), kpairs = (I + 1) / 2;
-  auto b = group_bounds(offsets);
-  auto y = output_rows(x, O, b[E]);
+// so the weight is A, read in place (a float32 one under bfloat16 rows rounded a block of MR
+// rows at a time), and x^T is packed once per group.
+template <typename T, typename W>
+void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
+  const int64_t I = x.size(1), E = w.size(0), O = w.size(1), kwords = words_for<T>(I);
   std::vector<int64_t> first_panel(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) first_panel[e + 1] = first_panel[e] + (b[e + 1] - b[e] + NR - 1) / NR;
-  auto xt_buffer = scratch(first_panel[E] * kpairs * NR);
+  auto xt_buffer = scratch(first_panel[E] * kwords * NR);
   uint32_t* xt = words(xt_buffer);
-  const bf16* xp = data(x);
-  bf16* yp = data_mut(y);
+  const T* xp = data<T>(x);
+  const W* wp = data<W>(w);
+  T* yp = data<T>(y);
   at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e)
-      pack_transposed_pairs(xp + b[e] * I, I, b[e + 1] - b[e], I, &xt[first_panel[e] * kpairs * NR]);
+      pack_transposed<T>(xp + b[e] * I, I, b[e + 1] - b[e], I, &xt[first_panel[e] * kwords * NR]);
   });
   const int64_t blocks = (O + OB - 1) / OB;
   at::parallel_for(0, E * blocks, 1, [&](int64_t t0, int64_t t1) {
     __m512 acc[2 * MR];
-    std::vector<bf16> rounded(w32 ? MR * I : 0);
+    std::vector<T> rounded(std::is_same_v<T, W> ? 0 : MR * I);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = t / blocks, rows = b[e + 1] - b[e];
       if (rows == 0) continue;
       for (int64_t o0 = t % blocks * OB; o0 < std::min(O, (t % blocks + 1) * OB); o0 += MR) {
         const int R = (int)std::min<int64_t>(MR, O - o0);
-        const bf16* a = w32 ? rounded.data() : data(w) + (e * O + o0) * I;
-        if (w32) round_to_bf16(w.data_ptr<float>() + (e * O + o0) * I, R * I, rounded.data());
+        const T* a;
+        if constexpr (std::is_same_v<T, W>) {
+          a = wp + (e * O + o0) * I;
+        } else {
+          round_to_bf16(wp + (e * O + o0) * I, R * I, rounded.data());
+          a = rounded.data();
+        }
         for (int64_t p = 0; p < first_panel[e + 1] - first_panel[e]; ++p) {
-          MICRO[R](a, I, 2, I / 2, I & 1, &xt[(first_panel[e] + p) * kpairs * NR], acc);
+          micro_rows<T>(R, a, I, I, &xt[(first_panel[e] + p) * kwords * NR], acc);
           const int cols = (int)std::min<int64_t>(NR, rows - p * NR);
           store_tile_transposed(acc, R, cols, yp + (b[e] + p * NR) * O + o0, O);
         }
       }
     }
   });
-  return y;
 }
 
 // y[g] = x[g] @ w[e] with w [E, I, O] contiguous: x is A, read in place; the weight is
-// packed by row pairs, one panel of NC columns per task.
-at::Tensor gmm_x_w(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
-  check(x, "x");
-  check(w, "w", true);
-  const int64_t I = x.size(1), E = w.size(0), O = w.size(2), kpairs = (I + 1) / 2;
-  auto b = group_bounds(offsets);
-  auto y = output_rows(x, O, b[E]);
-  const bf16* xp = data(x);
-  bf16* yp = data_mut(y);
+// packed, one panel of NC columns per task.
+template <typename T, typename W>
+void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
+  const int64_t I = x.size(1), E = w.size(0), O = w.size(2), kwords = words_for<T>(I);
+  const T* xp = data<T>(x);
+  const W* wp = data<W>(w);
+  T* yp = data<T>(y);
   const int64_t blocks = (O + NC - 1) / NC;
   at::parallel_for(0, E * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint32_t> panel(kpairs * NC);
+    std::vector<uint32_t> panel(kwords * NC);
     __m512 acc[2 * MR];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = t / blocks, rows = b[e + 1] - b[e];
       const int64_t c0 = t % blocks * NC, width = std::min<int64_t>(NC, O - c0);
       if (rows == 0) continue;
-      if (w.scalar_type() == at::kFloat)
-        pack_row_pairs(w.data_ptr<float>() + e * I * O + c0, O, I, width, panel.data());
-      else
-        pack_row_pairs(data(w) + e * I * O + c0, O, I, width, panel.data());
+      pack_rows<T>(wp + e * I * O + c0, O, I, width, panel.data());
       for (int64_t m0 = 0; m0 < rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, rows - m0);
         for (int64_t p = 0; p * NR < width; ++p) {
-          MICRO[R](xp + (b[e] + m0) * I, I, 2, I / 2, I & 1, &panel[p * kpairs * NR], acc);
+          micro_rows<T>(R, xp + (b[e] + m0) * I, I, I, &panel[p * kwords * NR], acc);
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
           store_tile(acc, R, cols, yp + (b[e] + m0) * O + c0 + p * NR, O);
         }
       }
     }
   });
-  return y;
 }
 
-// dw[e] = a[g]^T @ c[g] -> [E, P, Q] (the weight gradient), in bfloat16 or, for a float32
-// weight, in float32 straight from the accumulators. Both are packed by row pairs (the
-// group's rows are the reduction); a^T plays A with its pairs broadcast from the pack.
-template <typename Out>
+// dw[e] = a[g]^T @ c[g] -> [E, P, Q] (the weight gradient), in the rows' dtype or, for a
+// float32 weight under bfloat16 rows, in float32 straight from the accumulators. Both are
+// packed (the group's rows are the reduction); a^T plays A, its words broadcast from the pack.
+template <typename T, typename Out>
 void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<int64_t>& b, Out* dp) {
   const int64_t P = a.size(1), Q = c.size(1), E = (int64_t)b.size() - 1;
-  std::vector<int64_t> first_pair(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) first_pair[e + 1] = first_pair[e] + (b[e + 1] - b[e] + 1) / 2;
+  std::vector<int64_t> first_word(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) first_word[e + 1] = first_word[e] + words_for<T>(b[e + 1] - b[e]);
   const int64_t p_panels = (P + NR - 1) / NR, q_panels = (Q + NR - 1) / NR;
-  auto a_buffer = scratch(first_pair[E] * p_panels * NR), c_buffer = scratch(first_pair[E] * q_panels * NR);
+  auto a_buffer = scratch(first_word[E] * p_panels * NR), c_buffer = scratch(first_word[E] * q_panels * NR);
   uint32_t *apack = words(a_buffer), *cpack = words(c_buffer);
-  const bf16 *ap = data(a), *cp = data(c);
+  const T *ap = data<T>(a), *cp = data<T>(c);
   at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t rows = b[e + 1] - b[e];
-      pack_row_pairs(ap + b[e] * P, P, rows, P, &apack[first_pair[e] * p_panels * NR]);
-      pack_row_pairs(cp + b[e] * Q, Q, rows, Q, &cpack[first_pair[e] * q_panels * NR]);
+      pack_rows<T>(ap + b[e] * P, P, rows, P, &apack[first_word[e] * p_panels * NR]);
+      pack_rows<T>(cp + b[e] * Q, Q, rows, Q, &cpack[first_word[e] * q_panels * NR]);
     }
   });
   // Tasks: (expert, panel of NR rows of a^T). The a panel stays in cache while every
@@ -302,22 +339,22 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
   at::parallel_for(0, E * p_panels, 1, [&](int64_t t0, int64_t t1) {
     __m512 acc[2 * MR];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t e = t / p_panels, pp = t % p_panels, kpairs = first_pair[e + 1] - first_pair[e];
+      const int64_t e = t / p_panels, pp = t % p_panels, kwords = first_word[e + 1] - first_word[e];
       const int64_t r_end = std::min(P, (pp + 1) * NR);
       Out* out = dp + e * P * Q;
-      if (kpairs == 0) {  // an empty group: exact zeros
+      if (kwords == 0) {  // an empty group: exact zeros
         std::memset(out + pp * NR * Q, 0, (r_end - pp * NR) * Q * sizeof(Out));
         continue;
       }
-      const uint32_t* a_panel = &apack[(first_pair[e] * p_panels + pp * kpairs) * NR];
-      const uint32_t* c_e = &cpack[first_pair[e] * q_panels * NR];
+      const uint32_t* a_panel = &apack[(first_word[e] * p_panels + pp * kwords) * NR];
+      const uint32_t* c_e = &cpack[first_word[e] * q_panels * NR];
       for (int64_t q = 0; q < q_panels; ++q) {
         const int cols = (int)std::min<int64_t>(NR, Q - q * NR);
         for (int64_t r0 = pp * NR; r0 < r_end; r0 += MR) {
-          // Pair kp of row r of a^T is word kp*NR + r % NR of its panel.
+          // Word kw of row r of a^T is word kw*NR + r % NR of its panel.
           const int R = (int)std::min<int64_t>(MR, r_end - r0);
-          const bf16* a_rows = reinterpret_cast<const bf16*>(a_panel + r0 % NR);
-          MICRO[R](a_rows, 2, 2 * NR, kpairs, false, c_e + q * kpairs * NR, acc);
+          const T* a_rows = reinterpret_cast<const T*>(a_panel + r0 % NR);
+          MICRO<T>[R](a_rows, KW<T>, KW<T> * NR, kwords, false, c_e + q * kwords * NR, acc);
           store_tile(acc, R, cols, out + r0 * Q + q * NR, Q);
         }
       }
@@ -325,15 +362,44 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
   });
 }
 
+void check_pair(const at::Tensor& x, const at::Tensor& w) {
+  check(x, "x");
+  check(w, "w");
+  TORCH_CHECK(is_bf16(x) || !is_bf16(w), "float32 rows need a float32 weight");
+}
+
+}  // namespace
+
+at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+  check_pair(x, w);
+  auto b = group_bounds(offsets);
+  auto y = output_rows(x, w.size(1), b.back());
+  if (!is_bf16(x)) gmm_x_wt_into<float, float>(x, w, b, y);
+  else if (is_bf16(w)) gmm_x_wt_into<bf16, bf16>(x, w, b, y);
+  else gmm_x_wt_into<bf16, float>(x, w, b, y);
+  return y;
+}
+
+at::Tensor gmm_x_w(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+  check_pair(x, w);
+  auto b = group_bounds(offsets);
+  auto y = output_rows(x, w.size(2), b.back());
+  if (!is_bf16(x)) gmm_x_w_into<float, float>(x, w, b, y);
+  else if (is_bf16(w)) gmm_x_w_into<bf16, bf16>(x, w, b, y);
+  else gmm_x_w_into<bf16, float>(x, w, b, y);
+  return y;
+}
+
 at::Tensor gmm_at_b(const at::Tensor& a, const at::Tensor& c, const at::Tensor& offsets, bool out_float32) {
   check(a, "a");
   check(c, "c");
+  TORCH_CHECK(a.scalar_type() == c.scalar_type(), "a and c differ in dtype");
   auto b = group_bounds(offsets);
-  auto dw = at::empty({offsets.size(0), a.size(1), c.size(1)}, a.options().dtype(out_float32 ? at::kFloat : at::kBFloat16));
-  if (out_float32)
-    gmm_at_b_into(a, c, b, dw.data_ptr<float>());
-  else
-    gmm_at_b_into(a, c, b, data_mut(dw));
+  const bool float_out = out_float32 || !is_bf16(a);
+  auto dw = at::empty({offsets.size(0), a.size(1), c.size(1)}, a.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  if (!is_bf16(a)) gmm_at_b_into<float>(a, c, b, dw.data_ptr<float>());
+  else if (float_out) gmm_at_b_into<bf16>(a, c, b, dw.data_ptr<float>());
+  else gmm_at_b_into<bf16>(a, c, b, data<bf16>(dw));
   return dw;
 }
 

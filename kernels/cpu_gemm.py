@@ -1,4 +1,4 @@
-"""The ``avx512`` backend: our grouped bfloat16 GEMMs for CPUs with AVX512-BF16.
+"""The ``avx512`` backend: our grouped GEMMs (bfloat16, float32) for CPUs with AVX512-BF16.
 
 Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
@@ -11,7 +11,10 @@ instructions, ``auto`` keeps per-expert matmuls (the ``loop`` backend).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -35,6 +38,12 @@ def cpu_has_avx512_bf16() -> bool:
 @functools.cache
 def _module():
     from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # a virtual environment used without activating it
+        with contextlib.suppress(ImportError):
+            import ninja  # the PyPI package, a dependency
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
     return load(
         name="moe_cpu_gemm",
@@ -63,14 +72,18 @@ def avx512_available() -> bool:
     return True
 
 
+DTYPES = (torch.bfloat16, torch.float32)
+
+
 def supports(x_NI: Tensor) -> bool:
-    return x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16 and avx512_available()
+    return x_NI.device.type == "cpu" and x_NI.dtype in DTYPES and avx512_available()
 
 
 def _require(x_NI: Tensor) -> None:
     if not supports(x_NI):
         raise ValueError(
-            f"backend='avx512' runs bfloat16 on CPUs with AVX512-BF16 where its kernels build; "
+            "backend='avx512' runs bfloat16 and float32 on CPUs with AVX512-BF16 where its "
+            "kernels build; "
             f"got {x_NI.dtype} on {x_NI.device.type}"
             f"{'' if cpu_has_avx512_bf16() else ' (this CPU lacks avx512_bf16)'}; "
             "use backend='auto'"

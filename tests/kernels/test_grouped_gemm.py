@@ -123,20 +123,21 @@ needs_avx512 = pytest.mark.skipif(
 
 @needs_avx512
 @on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_avx512_matches_float64_on_the_same_bfloat16_inputs(case, transposed):
-    """The kernels multiply bfloat16 exactly and accumulate in float32, so against float64
-    on the same inputs only the final rounding to bfloat16 (2^-9 relative) remains."""
+def test_avx512_matches_float64_on_the_same_inputs(case, transposed, dtype):
+    """The kernels multiply exactly and accumulate in float32, so against float64 on the
+    same inputs only the final rounding (bfloat16: 2^-9 relative) and float32 sums remain."""
     counts, K, P = CASES[case]
     E, N = len(counts), sum(counts)
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     g = generator(N * 5 + K)
-    x = torch.randn(N, K, generator=g).bfloat16().requires_grad_()
+    x = torch.randn(N, K, generator=g).to(dtype).requires_grad_()
     shape = (E, P, K) if transposed else (E, K, P)
-    w_param = torch.randn(shape, generator=g).bfloat16().requires_grad_()
+    w_param = torch.randn(shape, generator=g).to(dtype).requires_grad_()
     w = w_param.transpose(1, 2) if transposed else w_param
-    dy = torch.randn(N, P, generator=g).bfloat16()
+    dy = torch.randn(N, P, generator=g).to(dtype)
 
     y = grouped_mm(x, w, offsets, backend="avx512")
     y.backward(dy)
@@ -145,7 +146,7 @@ def test_avx512_matches_float64_on_the_same_bfloat16_inputs(case, transposed):
     y_ref = reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets)
     if N:
         y_ref.backward(dy.double())
-    tol = {"rtol": 2**-8, "atol": 1e-4}
+    tol = {"rtol": 2**-8, "atol": 1e-4} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(y.double(), y_ref, **tol)
     torch.testing.assert_close(x.grad.double(), xd.grad if N else torch.zeros_like(xd), **tol)
     torch.testing.assert_close(w_param.grad.double(), wd.grad if N else torch.zeros_like(wd), **tol)
@@ -157,15 +158,17 @@ def test_avx512_matches_float64_on_the_same_bfloat16_inputs(case, transposed):
 
 @needs_avx512
 @on_cpu
-def test_avx512_zeroes_rows_past_the_groups_and_rejects_float32():
-    x = torch.randn(20, 16).bfloat16().requires_grad_()
-    w = torch.randn(3, 16, 24).bfloat16().requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_avx512_zeroes_rows_past_the_groups_and_rejects_other_dtypes(dtype):
+    x = torch.randn(20, 16).to(dtype).requires_grad_()
+    w = torch.randn(3, 16, 24).to(dtype).requires_grad_()
     y = grouped_mm(x, w, torch.tensor([5, 5, 14], dtype=torch.int32), "avx512")
-    y.backward(torch.randn(20, 24).bfloat16())
+    y.backward(torch.randn(20, 24).to(dtype))
     assert torch.count_nonzero(y[14:]) == 0 and torch.count_nonzero(x.grad[14:]) == 0
     assert torch.count_nonzero(y[:14]) > 0
-    with pytest.raises(ValueError, match="backend='avx512' runs bfloat16"):
-        grouped_mm(torch.randn(4, 16), torch.randn(2, 16, 8), torch.tensor([1, 4]), "avx512")
+    with pytest.raises(ValueError, match="backend='avx512' runs bfloat16 and float32"):
+        x64, w64 = torch.randn(4, 16).double(), torch.randn(2, 16, 8).double()
+        grouped_mm(x64, w64, torch.tensor([1, 4]), "avx512")
 
 
 @needs_avx512
