@@ -11,6 +11,7 @@ from moe.layers import FeedForward, MoEConfig, MoELayer
 from tests.reference import on_cpu, reference_moe
 
 BACKENDS = ["loop", "torch", "auto"] + (["triton"] if triton_available() else [])
+BACKENDS += ["avx512"] if torch.get_default_device().type == "cpu" and avx512_available() else []
 
 # (T, D, F, E): random tokens, a single token, zero tokens, many experts for few tokens
 # (most empty), odd sizes.
