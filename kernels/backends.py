@@ -199,13 +199,14 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
             return TORCH
         use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
-    # On the CPU, bfloat16 runs on our kernels where the CPU has AVX512-BF16
-    # (cpu_gemm.cpp says why); otherwise per-expert mm into slices of one output beats
-    # grouped_mm, which concatenates per-group results and whose weight gradient is 2-4x
-    # slower (scripts/bench_moe_layer.py times them all).
-    if x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16:
+    # On the CPU, bfloat16 and float32 run on our kernels where the CPU has AVX512-BF16
+    # (cpu_gemm.cpp says why; 1.1-1.6x the per-expert library GEMMs in float32, level to
+    # 1.4x in bfloat16, scripts/bench_moe_layer.py); otherwise per-expert mm into slices
+    # of one output beats grouped_mm, which concatenates per-group results and whose
+    # weight gradient is 2-4x slower.
+    if x_NI.device.type == "cpu":
         from . import cpu_gemm
 
-        if cpu_gemm.avx512_available():
+        if cpu_gemm.supports(x_NI):
             return AVX512
     return LOOP
