@@ -53,20 +53,26 @@ def _module():
     )
 
 
-@torch.compiler.assume_constant_result  # a compiled graph asks once, at trace time
-@functools.cache
+_available: bool | None = None  # None until the first eager call decides
+
+
 def avx512_available() -> bool:
     """Whether this CPU has AVX512-BF16 and the kernels build (built here on first call)."""
-    if not cpu_has_avx512_bf16():
-        return False
+    global _available
+    if _available is None:
+        _available = cpu_has_avx512_bf16() and _builds()
+    return _available
+
+
+def _builds() -> bool:
     try:
         _module()
     except Exception as err:  # no compiler or ninja: the loop backend still works
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(
             f"the avx512 grouped GEMM could not be built ({reason}); "
-            "bfloat16 experts on this CPU use per-expert matmuls instead",
-            stacklevel=2,
+            "experts on this CPU use per-expert matmuls instead",
+            stacklevel=3,
         )
         return False
     return True
@@ -76,7 +82,13 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 
 def supports(x_NI: Tensor) -> bool:
-    return x_NI.device.type == "cpu" and x_NI.dtype in DTYPES and avx512_available()
+    if x_NI.device.type != "cpu" or x_NI.dtype not in DTYPES:
+        return False
+    if torch.compiler.is_compiling():
+        # No file reads or builds inside a trace: what eager calls found out (a compiled
+        # layer's GEMMs are opaque ops that decide again, eagerly, when they run).
+        return _available is True
+    return avx512_available()
 
 
 def _require(x_NI: Tensor) -> None:
