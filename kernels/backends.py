@@ -199,12 +199,13 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
             return TORCH
         use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
-    # On the CPU, bfloat16 and float32 run on our kernels where the CPU has AVX512-BF16
-    # (cpu_gemm.cpp says why; 1.1-1.6x the per-expert library GEMMs in float32, level to
-    # 1.4x in bfloat16, scripts/bench_moe_layer.py); otherwise per-expert mm into slices
-    # of one output beats grouped_mm, which concatenates per-group results and whose
-    # weight gradient is 2-4x slower.
-    if x_NI.device.type == "cpu":
+    # On the CPU, bfloat16 runs on our kernels where the CPU has AVX512-BF16 (cpu_gemm.cpp
+    # says why; the layer 1.0-1.3x the per-expert oneDNN GEMMs but 0.85-0.96x at E=8 k=2,
+    # the training step 1.2-1.3x: benchmarks/results/2026-11-26-cpu-avx512). float32 stays
+    # on per-expert MKL mm into slices of one output: ours is faster at top-1 but 1.85x
+    # slower in the layer at E=32, k=2, not yet understood. Both beat grouped_mm, which
+    # concatenates per-group results and whose weight gradient is 2-4x slower.
+    if x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16:
         from . import cpu_gemm
 
         if cpu_gemm.supports(x_NI):
