@@ -200,11 +200,12 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
         use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
     # On the CPU, bfloat16 runs on our kernels where the CPU has AVX512-BF16 (cpu_gemm.cpp
-    # says why; the layer 1.0-1.3x the per-expert oneDNN GEMMs but 0.85-0.96x at E=8 k=2,
-    # the training step 1.2-1.3x: benchmarks/results/2026-11-26-cpu-avx512). float32 stays
-    # on per-expert MKL mm into slices of one output: ours is faster at top-1 but 1.85x
-    # slower in the layer at E=32, k=2, not yet understood. Both beat grouped_mm, which
-    # concatenates per-group results and whose weight gradient is 2-4x slower.
+    # says why; the bfloat16 training step 1.1-1.3x the per-expert oneDNN GEMMs, the layer
+    # 0.9-1.3x: benchmarks/results/2026-11-26-cpu-avx512). float32 stays on per-expert MKL
+    # mm into slices of one output: ours wins the layer in 5 of 6 cells but the float32
+    # training step runs 0.75-0.79x dense with it against 0.80-0.85x with MKL. Both beat
+    # grouped_mm, which concatenates per-group results and whose weight gradient is 2-4x
+    # slower.
     if x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16:
         from . import cpu_gemm
 
