@@ -13,8 +13,8 @@ Every backend provides:
 
 Names: ``loop`` (per-expert ``mm``, the reference), ``torch``
 (``torch.nn.functional.grouped_mm``), ``triton`` (our GPU kernels), ``avx512`` (our
-bfloat16 CPU kernels, ``cpu_gemm.cpp``), and ``auto``, which picks per primitive what is
-fastest and correct for the device and dtype.
+bfloat16 and float32 CPU kernels, ``cpu_gemm.cpp``), and ``auto``, which picks per
+primitive what is fastest and correct for the device and dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import cpu_gemm
 
 BACKENDS = ("auto", "loop", "torch", "triton", "avx512")
 # torch 2.11 runs float32 grouped_mm on CUDA (exact, no TF32; checked on an H100 with this
@@ -164,22 +166,10 @@ class GemmBackend:
     gmm_wgrad: Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def avx512_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
-    from . import cpu_gemm
-
-    return cpu_gemm.gmm(x_NI, w_EIO, offsets_E, zero_tail)
-
-
-def avx512_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, **out_dtype) -> Tensor:
-    from . import cpu_gemm
-
-    return cpu_gemm.gmm_wgrad(x_NI, dy_NO, offsets_E, **out_dtype)
-
-
 LOOP = GemmBackend("loop", loop_gmm, loop_gmm_wgrad)
 TORCH = GemmBackend("torch", torch_gmm, torch_gmm_wgrad)
 TRITON = GemmBackend("triton", triton_gmm, triton_gmm_wgrad)
-AVX512 = GemmBackend("avx512", avx512_gmm, avx512_gmm_wgrad)
+AVX512 = GemmBackend("avx512", cpu_gemm.gmm, cpu_gemm.gmm_wgrad)
 
 
 def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
@@ -206,9 +196,6 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
     # training step runs 0.75-0.79x dense with it against 0.80-0.85x with MKL. Both beat
     # grouped_mm, which concatenates per-group results and whose weight gradient is 2-4x
     # slower.
-    if x_NI.device.type == "cpu" and x_NI.dtype == torch.bfloat16:
-        from . import cpu_gemm
-
-        if cpu_gemm.supports(x_NI):
-            return AVX512
+    if x_NI.dtype == torch.bfloat16 and cpu_gemm.supports(x_NI):
+        return AVX512
     return LOOP

@@ -368,31 +368,31 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
   });
 }
 
-void check_pair(const at::Tensor& x, const at::Tensor& w) {
+// Checks x and w, then calls body(T{}, W{}) with the element types of the rows and the
+// weight: bfloat16 rows with a bfloat16 or float32 weight, float32 rows with a float32 one.
+template <typename Body>
+void with_dtypes(const at::Tensor& x, const at::Tensor& w, Body body) {
   check(x, "x");
   check(w, "w");
   TORCH_CHECK(is_bf16(x) || !is_bf16(w), "float32 rows need a float32 weight");
+  if (!is_bf16(x)) body(float{}, float{});
+  else if (is_bf16(w)) body(bf16{}, bf16{});
+  else body(bf16{}, float{});
 }
 
 }  // namespace
 
 at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
-  check_pair(x, w);
   auto b = group_bounds(offsets);
   auto y = output_rows(x, w.size(1), b.back());
-  if (!is_bf16(x)) gmm_x_wt_into<float, float>(x, w, b, y);
-  else if (is_bf16(w)) gmm_x_wt_into<bf16, bf16>(x, w, b, y);
-  else gmm_x_wt_into<bf16, float>(x, w, b, y);
+  with_dtypes(x, w, [&](auto t, auto wt) { gmm_x_wt_into<decltype(t), decltype(wt)>(x, w, b, y); });
   return y;
 }
 
 at::Tensor gmm_x_w(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
-  check_pair(x, w);
   auto b = group_bounds(offsets);
   auto y = output_rows(x, w.size(2), b.back());
-  if (!is_bf16(x)) gmm_x_w_into<float, float>(x, w, b, y);
-  else if (is_bf16(w)) gmm_x_w_into<bf16, bf16>(x, w, b, y);
-  else gmm_x_w_into<bf16, float>(x, w, b, y);
+  with_dtypes(x, w, [&](auto t, auto wt) { gmm_x_w_into<decltype(t), decltype(wt)>(x, w, b, y); });
   return y;
 }
 

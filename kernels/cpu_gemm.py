@@ -125,4 +125,4 @@ def gmm_wgrad(
 
 def keeps_float32_weight(x_NI: Tensor, w_EIO: Tensor) -> bool:
     """Whether a float32 weight can go to the kernels as it is under bfloat16 autocast."""
-    return w_EIO.dtype == torch.float32 and supports(x_NI)
+    return x_NI.dtype == torch.bfloat16 and w_EIO.dtype == torch.float32 and supports(x_NI)
