@@ -134,6 +134,28 @@ void store_tile(const __m512* acc, int rows, int cols, float* c, int64_t ldc) {
   }
 }
 
+// A full tile (NR columns) with streaming stores, which write memory without reading the
+// lines first; where a row is not 64-byte aligned, ordinary stores.
+void stream_tile(const __m512* acc, int rows, bf16* c, int64_t ldc) {
+  for (int r = 0; r < rows; ++r) {
+    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(acc[2 * r + 1], acc[2 * r]);
+    if (reinterpret_cast<uintptr_t>(c + r * ldc) % 64 == 0) _mm512_stream_si512((__m512i*)(c + r * ldc), v);
+    else _mm512_storeu_si512(c + r * ldc, v);
+  }
+}
+
+void stream_tile(const __m512* acc, int rows, float* c, int64_t ldc) {
+  for (int r = 0; r < rows; ++r) {
+    if (reinterpret_cast<uintptr_t>(c + r * ldc) % 64 == 0) {
+      _mm512_stream_ps(c + r * ldc, acc[2 * r]);
+      _mm512_stream_ps(c + r * ldc + 16, acc[2 * r + 1]);
+    } else {
+      _mm512_storeu_ps(c + r * ldc, acc[2 * r]);
+      _mm512_storeu_ps(c + r * ldc + 16, acc[2 * r + 1]);
+    }
+  }
+}
+
 // Sixteen rows of 16 float32 transposed in registers: afterwards r[j] holds column j.
 void transpose16(__m512* r) {
   __m512 t[16];
@@ -419,10 +441,14 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
           const int R = (int)std::min<int64_t>(MR, r_end - r0);
           const T* a_rows = reinterpret_cast<const T*>(a_panel + r0 % NR);
           MICRO<T>[R](a_rows, KW<T>, KW<T> * NR, kwords, false, c_e + q * kwords * NR, acc, nullptr, 0);
-          store_tile(acc, R, cols, out + r0 * Q + q * NR, Q);
+          // The gradient is weight-sized and written once: past the caches at E=128 (a
+          // streaming store saves the read of each line: 3-10% of this GEMM there).
+          if (cols == NR) stream_tile(acc, R, out + r0 * Q + q * NR, Q);
+          else store_tile(acc, R, cols, out + r0 * Q + q * NR, Q);
         }
       }
     }
+    _mm_sfence();  // streaming stores are visible to other threads only after a fence
   });
 }
 
