@@ -12,6 +12,9 @@ implementations rotates between repetitions.
   the latter measured in the same run with a copy plus a read of buffers of that size.
 - ``speedup_vs_<peer>``: peer time / our time on the same configuration.
 
+On the CPU the process keeps freed memory for reuse, as the trainer does
+(``moe/train/host_memory.py``; ``--host-memory release`` measures without it).
+
 Examples:
     python scripts/bench_moe_layer.py --quick
     python scripts/bench_moe_layer.py --json benchmarks/results/cpu.json
@@ -33,6 +36,7 @@ from moe.kernels import BACKENDS, triton_available
 from moe_peers import Impl, deepspeed_moe, transformers_moe
 
 from moe.layers import FeedForward, MoEConfig, MoELayer
+from moe.train.host_memory import keep_freed_host_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,6 +86,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="with --compile, compile the peers too (by default they run eager, as their "
         "users get them)",
+    )
+    p.add_argument(
+        "--host-memory",
+        choices=("keep", "release"),
+        default="keep",
+        help="on the CPU: keep freed memory in the process, as the trainer does, or release "
+        "large blocks to the OS (glibc's default)",
     )
     p.add_argument("--quick", action="store_true", help="E in {8, 32}, k=1, 3 reps")
     p.add_argument("--json", help="write one JSON row per measurement to this path")
@@ -279,9 +290,11 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     args = parse_args()
+    kept = args.device == "cpu" and args.host_memory == "keep" and keep_freed_host_memory()
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
         f"T={args.tokens} D={args.d_model} F={args.d_ff} compile={args.compile} "
+        f"host_memory={'keep' if kept else 'release'} "
         f"(fwd+bwd, medians of up to {args.reps})"
     )
     rows = []

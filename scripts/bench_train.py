@@ -5,6 +5,8 @@ Both train on the same random token batches, steps interleaved in one process (f
 backward, the trainer's AdamW), medians after warm-up. Columns: tokens/s of each, the ratio
 MoE/dense, training FLOPs per token (``MoETransformer.flops_per_token``) and MFU against the
 measured rate of one large matmul in the same dtype on this machine (the peak it states).
+On the CPU the process keeps freed memory for reuse, as the trainer does
+(``moe/train/host_memory.py``).
 
     python scripts/bench_train.py                      # tiny and small, float32 and bfloat16
     python scripts/bench_train.py --presets gpu_1b --dtypes bfloat16 --json out.json
@@ -29,6 +31,7 @@ import yaml
 from moe.model import ModelConfig, MoETransformer
 from moe.train.compile import compile_blocks
 from moe.train.config import OptimSection
+from moe.train.host_memory import keep_freed_host_memory
 from moe.train.optim import build_optimizer
 from moe.typed_config import from_dict
 
@@ -166,6 +169,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_host_memory()  # as the trainer does on the CPU
     rows = []
     header = ["preset", "dtype", "compiled", "MoE tok/s", "dense tok/s", "MoE/dense"]
     header += ["MoE MFU", "dense MFU", "peak TFLOP/s"]

@@ -38,6 +38,7 @@ from .config import RunConfig
 from .engine import build_engine
 from .evaluate import evaluate
 from .faults import CollapseDetector, NonFiniteGuard, Preempted, PreemptionFlag
+from .host_memory import keep_freed_host_memory
 from .init_from import build_run_model, read_source, run_model_config
 from .loss import lm_loss
 from .metrics import MetricsLog, StepStats, truncate_metrics
@@ -55,6 +56,8 @@ class Trainer:
         if self.source is not None:  # its shape decides the layout check below
             cfg = dataclasses.replace(cfg, model=run_model_config(self.source, cfg.model, 0))
         self.device = pick_device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # expert gradients are new every step: host_memory.py
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
