@@ -15,6 +15,14 @@ from moe.hf import UnsupportedModel  # noqa: E402
 from tests.hf.tiny_models import COMMON, FAMILIES, save_tiny  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """``load_model`` reads onto the CPU, so the transformers model and the inputs live
+    there too, also on a GPU machine, whose default device is CUDA (tests/conftest.py)."""
+    with torch.device("cpu"):
+        yield
+
+
 def router_choices(ours, hf, ids):
     """Expert ids per token and MoE layer, ours and transformers' (from its routers)."""
     mine, theirs = [], []
