@@ -189,13 +189,13 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
             return TORCH
         use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
-    # On the CPU, bfloat16 runs on our kernels where the CPU has AVX512-BF16 (cpu_gemm.cpp
-    # says why; the bfloat16 training step 1.1-1.3x the per-expert oneDNN GEMMs, the layer
-    # 0.9-1.3x: benchmarks/results/2026-11-26-cpu-avx512). float32 stays on per-expert MKL
-    # mm into slices of one output: ours wins the layer in 5 of 6 cells but the float32
-    # training step runs 0.75-0.79x dense with it against 0.80-0.85x with MKL. Both beat
-    # grouped_mm, which concatenates per-group results and whose weight gradient is 2-4x
-    # slower.
-    if x_NI.dtype == torch.bfloat16 and cpu_gemm.supports(x_NI):
+    # On the CPU, our kernels where the CPU has AVX512-BF16 (cpu_gemm.cpp says why): the
+    # bfloat16 training step 1.1-1.3x the per-expert oneDNN GEMMs
+    # (benchmarks/results/2026-11-26-cpu-avx512), the float32 step 1.1x per-expert MKL once
+    # freed memory is kept for reuse, as the trainer does (moe/train/host_memory.py; without
+    # that, ours paid page faults on its one large output per call and trailed MKL's many
+    # small ones: benchmarks/results/2026-11-27-cpu). Both beat grouped_mm, which
+    # concatenates per-group results and whose weight gradient is 2-4x slower.
+    if cpu_gemm.supports(x_NI):
         return AVX512
     return LOOP

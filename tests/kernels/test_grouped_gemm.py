@@ -212,11 +212,12 @@ def test_autocast_casts_operands():
 
 
 @on_cpu
-def test_auto_on_cpu_picks_our_bfloat16_kernels_where_they_run_else_the_loop():
+def test_auto_on_cpu_picks_our_kernels_where_they_run_else_the_loop():
     x, w = torch.randn(4, 16), torch.randn(2, 16, 8)
-    assert resolve_backend("auto", x, w).name == "loop"
-    bf16 = resolve_backend("auto", x.bfloat16(), w.bfloat16()).name
-    assert bf16 == ("avx512" if avx512_available() else "loop")
+    ours = "avx512" if avx512_available() else "loop"
+    assert resolve_backend("auto", x, w).name == ours
+    assert resolve_backend("auto", x.bfloat16(), w.bfloat16()).name == ours
+    assert resolve_backend("auto", x.double(), w.double()).name == "loop"
 
 
 def test_bad_arguments_fail_with_one_clear_line():
