@@ -73,5 +73,6 @@ def test_training_step_benchmark_reports_ratio_and_mfu(tmp_path):
 
 def test_profile_prints_the_step_table():
     out = run("profile_moe_layer.py", "--tokens", "64", "--d-model", "32", "--d-ff", "32",
-              "--experts", "4", "--steps", "1", "--rows", "5")  # fmt: skip
-    assert "Self CPU time total" in out and "aten::mm" in out
+              "--experts", "4", "--steps", "1", "--rows", "30")  # fmt: skip
+    # The experts' grouped GEMM, whichever backend runs it (the eager autograd function).
+    assert "Self CPU time total" in out and "_EagerGroupedMM" in out
