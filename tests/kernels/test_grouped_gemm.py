@@ -1,6 +1,10 @@
+import importlib.util
+import shutil
+import warnings
+
 import pytest
 import torch
-from moe.kernels import grouped_mm, resolve_backend, torch_gmm_supports
+from moe.kernels import cpu_gemm, grouped_mm, resolve_backend, torch_gmm_supports
 from moe.kernels.backends import triton_available
 from moe.kernels.cpu_gemm import avx512_available
 
@@ -120,6 +124,18 @@ needs_avx512 = pytest.mark.skipif(
     not avx512_available(),
     reason="the avx512 backend needs a CPU with AVX512-BF16 and a C++ compiler",
 )
+
+
+def test_avx512_kernels_build_where_the_cpu_and_toolchain_allow():
+    """The avx512 tests skip where the kernels are unavailable; a build that breaks on a
+    machine that can build them must fail here instead of turning them into skips."""
+    toolchain = shutil.which("c++") and (shutil.which("ninja") or importlib.util.find_spec("ninja"))
+    if not (cpu_gemm.cpu_has_avx512_bf16() and toolchain):
+        pytest.skip("no AVX512-BF16 CPU or no C++ compiler and ninja here")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_gemm._builds()  # builds, or warns why it could not
+    assert cpu_gemm.avx512_available(), [str(w.message) for w in caught]
 
 
 @needs_avx512
