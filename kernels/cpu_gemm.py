@@ -15,6 +15,7 @@ import contextlib
 import functools
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -45,12 +46,42 @@ def _module():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-    return load(
-        name="moe_cpu_gemm",
-        sources=[str(SOURCE)],
-        extra_cflags=CFLAGS,
-        extra_ldflags=["-fopenmp"],
-    )
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with _held(directory / "moe.flock"):
+        # torch's own lock is a plain file that every loading process creates and deletes,
+        # even when nothing needs building: a process killed inside `load` leaves it behind
+        # and every later process waits for it forever. Under our lock, which the OS
+        # releases when its holder dies, no live process can own it: it is stale.
+        (directory / "lock").unlink(missing_ok=True)
+        return load(
+            name="moe_cpu_gemm",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+        )
+
+
+def build_directory() -> Path:
+    """Where the kernels are built and cached: under ``TORCH_EXTENSIONS_DIR`` if set."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(get_default_build_root()) / f"{python}_torch{torch.__version__}" / "moe_cpu_gemm"
+
+
+@contextlib.contextmanager
+def _held(lock_path: Path):
+    """An exclusive lock between processes that dies with its holder (``flock``)."""
+    import fcntl  # POSIX only, as is the build: other systems never get here
+
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _available: bool | None = None  # None until the first eager call decides

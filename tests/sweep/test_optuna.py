@@ -119,9 +119,11 @@ def test_sigterm_stops_trials_after_a_checkpoint_and_rerun_resumes_them(tmp_path
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # what Slurm sends before preempting a job
-    assert proc.wait(timeout=120) == 75
+    code, err = proc.wait(timeout=120), proc.stderr.read()
+    trial_log = sweep / "trial_0000" / "train.log"
+    assert code == 75, err[-2000:] + (trial_log.read_text()[-2000:] if trial_log.exists() else "")
     assert (sweep / "study.journal").stat().st_size > 0 and not (sweep / "study.db").exists()
-    assert "run the same command again to continue" in proc.stderr.read()
+    assert "run the same command again to continue" in err
     first = stored_trials(sweep)
     assert [t.state for t in first] == [TrialState.FAIL, TrialState.WAITING]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
