@@ -16,5 +16,7 @@ def test_every_package_is_listed_in_pyproject():
         "moe." + ".".join(p.parent.relative_to(ROOT / "moe").parts)
         for p in (ROOT / "moe").rglob("__init__.py")
     }
+    config_groups = {"moe.configs." + d.name for d in (ROOT / "configs").iterdir() if d.is_dir()}
     on_disk = {name.rstrip(".") for name in on_disk} | {"moe.kernels", "moe.configs"}
+    on_disk |= config_groups
     assert on_disk == listed
