@@ -356,12 +356,18 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
         for (int64_t o0 = o_begin; o0 < o_end; o0 += MR) {
           const int R = (int)std::min<int64_t>(MR, o_end - o0);
           for (int64_t p = p0; p < std::min(panels, p0 + XB); ++p) {
-            // While the first panel passes, fetch the next MR weight rows (contiguous, also
-            // across tasks and experts): with small groups each weight row is used for one
-            // panel only and would otherwise come from memory on demand.
-            const bool fetch = std::is_same_v<T, W> && p == p0 && e * O + o0 + R < E * O;
+            // Fetch weight rows ahead while this pass's panels run (the rows are contiguous,
+            // also across tasks and experts): with small groups each weight row is used for
+            // one panel only and would otherwise come from memory on demand. A bfloat16
+            // weight: the next MR rows. A float32 one, rounded a block at a time: the same
+            // rows of the next task's block, so that its rounding pass reads them from cache.
+            // A micro-kernel call fetches one line per k step: the first panels share it.
+            const int64_t ahead = std::is_same_v<T, W> ? e * O + o0 + R : e * O + o_end + (o0 - o_begin);
+            const int64_t span = ahead < E * O ? std::min<int64_t>(MR, E * O - ahead) * I * (int64_t)sizeof(W) : 0;
+            const int64_t fetched = (p - p0) * kwords * 64;  // by this pass's earlier panels
+            const bool fetch = fetched < span && (std::is_same_v<T, W> || t + 1 < t1);
             micro_rows<T>(R, a_block + (o0 - o_begin) * I, I, I, &xt[(first_panel[e] + p) * kwords * NR], acc,
-                          fetch ? wp + (e * O + o0 + R) * I : nullptr, fetch ? MR * I * sizeof(W) : 0);
+                          fetch ? (const char*)(wp + ahead * I) + fetched : nullptr, fetch ? span - fetched : 0);
             const int64_t r0 = p * NR;
             const int cols = (int)std::min<int64_t>(NR, b[e + 1] - b[e] - r0);
             store_tile_transposed(acc, R, cols, yp + (b[e] + r0) * O + o0, O);
