@@ -69,6 +69,11 @@ def test_training_step_benchmark_reports_ratio_and_mfu(tmp_path):
         > moe["params_active"]
         == pytest.approx(dense["params_active"], rel=0.05)
     )
+    # The ceiling: the dense step plus AdamW's 28 bytes per parameter the dense twin lacks.
+    dense_step = row["tokens_per_step"] / dense["tokens_per_s"]
+    traffic = (moe["params_total"] - dense["params_total"]) * 28 / row["copy_bytes_per_s"]
+    assert row["moe_ceiling"] == pytest.approx(dense_step / (dense_step + traffic))
+    assert 0 < row["moe_ceiling"] < 1
 
 
 def test_profile_prints_the_step_table():
