@@ -47,9 +47,17 @@ def test_killed_sweep_continues_to_exactly_n_trials(tmp_path):
         "optuna.pruner=none",
         "optuna.heartbeat_s=0.5",
         "optuna.stale_after_s=3",
+        # Long enough (a few seconds) that the kill lands mid-run: 20 steps took 0.3 s, so a
+        # trial still "running" in the study had often finished training (CI failures).
+        **{"train.max_steps": 200, "checkpoint.every": 20, "eval.every": 20},
     )
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
+
+    def cut_short_with_a_checkpoint(number):  # training not finished (no summary yet)
+        run_dir = sweep / f"trial_{number:04d}"
+        checkpoints = list((run_dir / "checkpoints").glob("step_*/complete.json"))
+        return checkpoints and not (run_dir / "summary.json").exists()
 
     def ready():  # two trials done, and a running one has a checkpoint to resume from
         if not (sweep / "study.json").exists():
@@ -57,10 +65,7 @@ def test_killed_sweep_continues_to_exactly_n_trials(tmp_path):
         trials = stored_trials(sweep)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         running = [t for t in trials if t.state == TrialState.RUNNING]
-        return len(done) >= 2 and any(
-            list((sweep / f"trial_{t.number:04d}" / "checkpoints").glob("step_*/complete.json"))
-            for t in running
-        )
+        return len(done) >= 2 and any(cut_short_with_a_checkpoint(t.number) for t in running)
 
     while not ready():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -110,10 +115,12 @@ def test_sigterm_stops_trials_after_a_checkpoint_and_rerun_resumes_them(tmp_path
         "optuna.workers=1",
         "optuna.pruner=none",
         "optuna.storage=journal",
-        **{"train.max_steps": 40},
+        # A few seconds of training after the first checkpoint, so that the signal finds
+        # the trial mid-run (40 steps took about 0.5 s: it had sometimes finished).
+        **{"train.max_steps": 300, "checkpoint.every": 25, "eval.every": 25},
     )
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = sweep / "trial_0000" / "checkpoints" / "step_5" / "complete.json"
+    marker = sweep / "trial_0000" / "checkpoints" / "step_25" / "complete.json"
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline
@@ -131,7 +138,7 @@ def test_sigterm_stops_trials_after_a_checkpoint_and_rerun_resumes_them(tmp_path
     trials = stored_trials(sweep)
     assert [t.state for t in finished(trials)] == [TrialState.COMPLETE] * 2
     summary = json.loads((sweep / "trial_0000" / "summary.json").read_text())
-    assert summary["resumed_from"] and summary["steps"] == 40
+    assert summary["resumed_from"] and summary["steps"] == 300
 
 
 def test_median_pruner_stops_a_bad_trial_early(tmp_path):
