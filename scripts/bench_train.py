@@ -71,28 +71,26 @@ def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(6):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times[1:])
+    return 2 * n**3 / median_seconds(lambda: a @ b, device)
 
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s (read + write) of one 256 MB float32 copy, the machine's practical memory rate."""
     a = torch.randn(64 * 2**20, device=device)
     b = torch.empty_like(a)
+    return 2 * a.numel() * a.element_size() / median_seconds(lambda: b.copy_(a), device)
+
+
+def median_seconds(fn, device: torch.device, reps: int = 6) -> float:
+    """Median time of ``fn`` over ``reps`` calls after the first."""
     times = []
-    for _ in range(6):
+    for _ in range(reps):
         sync(device)
         start = time.perf_counter()
-        b.copy_(a)
+        fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * a.numel() * a.element_size() / statistics.median(times[1:])
+    return statistics.median(times[1:])
 
 
 def moe_ceiling(row: dict) -> float:
