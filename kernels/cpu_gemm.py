@@ -64,11 +64,13 @@ def _module():
 
 
 def build_directory() -> Path:
-    """Where the kernels are built and cached: under ``TORCH_EXTENSIONS_DIR`` if set."""
+    """Where the kernels are built and cached: under ``TORCH_EXTENSIONS_DIR`` if set, else
+    under torch's default (``~/.cache/torch_extensions``), which does not read that variable."""
     from torch.utils.cpp_extension import get_default_build_root
 
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(get_default_build_root()) / f"{python}_torch{torch.__version__}" / "moe_cpu_gemm"
+    return Path(root) / f"{python}_torch{torch.__version__}" / "moe_cpu_gemm"
 
 
 @contextlib.contextmanager

@@ -140,6 +140,11 @@ def test_avx512_kernels_build_where_the_cpu_and_toolchain_allow():
     assert cpu_gemm.avx512_available(), [str(w.message) for w in caught]
 
 
+def test_kernels_build_under_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_gemm.build_directory().parent.parent == tmp_path
+
+
 @needs_avx512
 def test_a_lock_left_by_a_process_killed_while_loading_the_kernels_does_not_block():
     """Every process that loads the kernels holds torch's lock file for a moment; a process
