@@ -75,15 +75,13 @@ def build_directory() -> Path:
 
 @contextlib.contextmanager
 def _held(lock_path: Path):
-    """An exclusive lock between processes that dies with its holder (``flock``)."""
+    """An exclusive lock between processes (``flock``), released when the file closes or
+    its holder dies."""
     import fcntl  # POSIX only, as is the build: other systems never get here
 
     with open(lock_path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 _available: bool | None = None  # None until the first eager call decides
