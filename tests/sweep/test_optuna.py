@@ -141,6 +141,9 @@ def test_sigterm_stops_trials_after_a_checkpoint_and_rerun_resumes_them(tmp_path
     assert summary["resumed_from"] and summary["steps"] == 300
 
 
+MAX_STEPS = 400
+
+
 def test_median_pruner_stops_a_bad_trial_early(tmp_path):
     sweep = tmp_path / "pruned"
     command = sweep_command(
@@ -152,7 +155,15 @@ def test_median_pruner_stops_a_bad_trial_early(tmp_path):
         "optuna.pruner_warmup_steps=0",
         "optuna.enqueue=[{optim.lr:0.003}]",  # a known-good trial first ...
         "optuna.params.optim.lr=tag(log, interval(1e-7, 1e-6))",  # ... then only bad ones
-        **{"train.max_steps": 40, "optim.warmup_steps": 2},
+        # Long enough (a few seconds) that the sweep, which reads the metrics every 0.5 s,
+        # sees a bad trial before it ends: 40 steps took 0.5 s, and a trial whose every
+        # evaluation arrived in one read was pruned at its last step (a CI failure).
+        **{
+            "train.max_steps": MAX_STEPS,
+            "eval.every": 10,
+            "checkpoint.every": 100,
+            "optim.warmup_steps": 2,
+        },
     )
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -161,7 +172,7 @@ def test_median_pruner_stops_a_bad_trial_early(tmp_path):
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned
     for trial in pruned:
-        assert max(trial.intermediate_values) < 40  # stopped before its last step
+        assert max(trial.intermediate_values) < MAX_STEPS  # stopped before its last step
         status = json.loads((sweep / f"trial_{trial.number:04d}" / "status.json").read_text())
         assert status["status"] == "pruned"
     assert "pruned at step" in out.stdout + out.stderr
