@@ -76,8 +76,10 @@ def test_submitit_local_launcher(tmp_path):
 
 def test_interrupted_sweep_resumes(tmp_path):
     sweep = tmp_path / "interrupted"
+    # Long enough (a few seconds) that the kill lands before the second job ends: 40 steps
+    # take about 0.5 s here, too close to a loaded machine's scheduling delays.
     extra = {
-        "train.max_steps": 40,
+        "train.max_steps": 200,
         "checkpoint.every": 5,
         "checkpoint.keep": 3,
         "train.log_every": 1,
@@ -98,9 +100,9 @@ def test_interrupted_sweep_resumes(tmp_path):
 
     out = subprocess.run([*args, "resume=auto"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "already finished at step 40; skipped" in out.stdout
+    assert "already finished at step 200; skipped" in out.stdout
     rows = write_report(sweep)
-    assert [(r["status"], r["steps"]) for r in rows] == [("finished", 40), ("finished", 40)]
+    assert [(r["status"], r["steps"]) for r in rows] == [("finished", 200), ("finished", 200)]
     summary = json.loads((sweep / "1" / "summary.json").read_text())
     resumed_step = int(summary["resumed_from"].rsplit("step_", 1)[1])
-    assert resumed_step >= 10 and summary["steps_this_run"] == 40 - resumed_step
+    assert resumed_step >= 10 and summary["steps_this_run"] == 200 - resumed_step
