@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
+# One module: the grouped GEMMs and the dispatch rows (cpu_rows.cpp).
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_gemm.cpp", "cpu_rows.cpp")]
 # -fopenmp: at::parallel_for is inline OpenMP; the process shares torch's OpenMP runtime.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
@@ -37,7 +38,8 @@ def cpu_has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def _module():
+def module():
+    """The compiled kernels of both sources, built here the first time."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # a virtual environment used without activating it
@@ -56,7 +58,7 @@ def _module():
         (directory / "lock").unlink(missing_ok=True)
         return load(
             name="moe_cpu_gemm",
-            sources=[str(SOURCE)],
+            sources=SOURCES,
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
@@ -97,7 +99,7 @@ def avx512_available() -> bool:
 
 def _builds() -> bool:
     try:
-        _module()
+        module()
     except Exception as err:  # no compiler or ninja: the loop backend still works
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(
@@ -140,8 +142,8 @@ def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) 
     x_NI = x_NI.contiguous()
     w_EOI = w_EIO.transpose(1, 2)
     if w_EOI.is_contiguous():  # the forward of nn.Linear-layout experts
-        return _module().gmm_x_wt(x_NI, w_EOI, offsets_E)
-    return _module().gmm_x_w(x_NI, w_EIO.contiguous(), offsets_E)
+        return module().gmm_x_wt(x_NI, w_EOI, offsets_E)
+    return module().gmm_x_w(x_NI, w_EIO.contiguous(), offsets_E)
 
 
 def gmm_wgrad(
@@ -151,7 +153,7 @@ def gmm_wgrad(
     float32 accumulators."""
     _require(x_NI)
     out_float32 = out_dtype == torch.float32
-    return _module().gmm_at_b(x_NI.contiguous(), dy_NO.contiguous(), offsets_E, out_float32)
+    return module().gmm_at_b(x_NI.contiguous(), dy_NO.contiguous(), offsets_E, out_float32)
 
 
 def keeps_float32_weight(x_NI: Tensor, w_EIO: Tensor) -> bool:

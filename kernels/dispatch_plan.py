@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import cpu_rows
+
 PRIORITIES = ("sequence", "gate")
 
 
@@ -123,6 +125,12 @@ def plan_dispatch(
     T, K = ids_TK.shape
     device = ids_TK.device
     ids_TK = ids_TK.long()
+    dropless = capacity is None or (capacity >= T * K and ahead_KE is None)
+    if dropless and priority == "sequence" and cpu_rows.usable(ids_TK):
+        row_token_N, row_copy_N, pos_TK, counts_E, offsets_E = cpu_rows.plan_dropless(
+            ids_TK, num_experts
+        )
+        return DispatchPlan(row_token_N, row_copy_N, pos_TK, counts_E, offsets_E, counts_E)
 
     # Candidate order before grouping: copies listed k-major, i.e. (k, t).
     copies = torch.arange(T * K, device=device).view(T, K).t().reshape(-1)

@@ -1,13 +1,19 @@
-"""The two row primitives behind permute and unpermute, in plain PyTorch.
+"""The three row primitives behind permute and unpermute, in plain PyTorch.
 
 Shape legend: T tokens, K copies per token, N rows, D features.
 
-- ``gather_rows(src_TD, index_N, scale_N)``: ``out[n] = src[index[n]] * scale[n]``.
-- ``combine_rows(y_ND, pos_TK, weight_TK)``: ``out[t] = sum_k weight[t, k] * y[pos[t, k]]``,
-  skipping ``pos < 0`` (dropped copies). Gather-based, so it is deterministic: no
-  scatter-add with repeated indices.
+- ``gather_rows(src_TD, index_N, scale_N, dtype)``: ``out[n] = src[index[n]] * scale[n]``.
+- ``combine_rows(y_ND, pos_TK, weight_TK, dtype)``: ``out[t] = sum_k weight[t, k] *
+  y[pos[t, k]]``, skipping ``pos < 0`` (dropped copies). Gather-based, so it is
+  deterministic: no scatter-add with repeated indices.
+- ``copy_dot_rows(y_ND, pos_TK, g_TD)``: ``out[t, k] = <y[pos[t, k]], g[t]>`` (the gate
+  gradient).
 
-The Triton versions in ``triton_rows`` have the same signatures.
+``dtype`` (default: the input's) is the output's: a gather casts after reading, a combine
+before summing, as a separate ``.to()`` there would.
+
+The Triton versions in ``triton_rows`` and the CPU ones in ``cpu_rows`` have the same
+signatures (and sum in float32).
 """
 
 from __future__ import annotations
@@ -16,15 +22,21 @@ import torch
 from torch import Tensor
 
 
-def gather_rows(src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None) -> Tensor:
+def gather_rows(
+    src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     out_ND = src_TD.index_select(0, index_N)
     if scale_N is not None:
         out_ND = out_ND * scale_N.to(out_ND.dtype).unsqueeze(1)
-    return out_ND
+    return out_ND if dtype is None else out_ND.to(dtype)
 
 
-def combine_rows(y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None) -> Tensor:
+def combine_rows(
+    y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     T, K = pos_TK.shape
+    if dtype is not None:
+        y_ND = y_ND.to(dtype)
     if y_ND.shape[0] == 0:  # every copy dropped (or no tokens): nothing to read
         return y_ND.new_zeros(T, y_ND.shape[1])
     kept_TK = pos_TK >= 0

@@ -1,6 +1,7 @@
 """Triton kernels for the row primitives (fused permute / unpermute).
 
-Same contract as ``row_ops``: ``gather_rows`` and ``combine_rows``. One program per
+Same contract as ``row_ops``: ``gather_rows`` and ``combine_rows`` here, ``copy_dot_rows``
+PyTorch's (one multiply and a reduction). One program per
 output row and feature block; ``combine_rows`` reads the K copies of a token and sums
 them in float32 in registers, so unpermute is one pass with no atomics.
 
@@ -14,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .row_ops import copy_dot_rows  # noqa: F401  (the contract's third primitive)
 
 BLOCK_D = 128
 
@@ -68,7 +71,9 @@ def _combine_rows_kernel(
 
 
 @torch.library.custom_op("moe::triton_gather_rows", mutates_args=())
-def gather_rows(src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None) -> Tensor:
+def gather_rows(
+    src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     src_TD = src_TD.contiguous()
     N, D = index_N.shape[0], src_TD.shape[1]
     out_ND = src_TD.new_empty(N, D)
@@ -86,19 +91,23 @@ def gather_rows(src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None) 
             HAS_SCALE=scale_N is not None,
             BLOCK=BLOCK_D,
         )
-    return out_ND
+    # Cast by PyTorch: in Triton's interpreter a float32 -> bfloat16 cast was off by one unit
+    # in half the values (not rounded to nearest even, as .to() rounds).
+    return out_ND if dtype is None else out_ND.to(dtype)
 
 
 @gather_rows.register_fake
-def _(src_TD, index_N, scale_N=None):
-    return src_TD.new_empty(index_N.shape[0], src_TD.shape[1])
+def _(src_TD, index_N, scale_N=None, dtype=None):
+    return src_TD.new_empty(index_N.shape[0], src_TD.shape[1], dtype=dtype)
 
 
 @torch.library.custom_op("moe::triton_combine_rows", mutates_args=())
-def combine_rows(y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None) -> Tensor:
+def combine_rows(
+    y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     T, K = pos_TK.shape
     D = y_ND.shape[1]
-    out_TD = y_ND.new_zeros(T, D)
+    out_TD = y_ND.new_zeros(T, D, dtype=dtype)
     if T and D and y_ND.shape[0]:
         y_ND = y_ND.contiguous()
         weight = weight_TK.contiguous() if weight_TK is not None else pos_TK
@@ -119,5 +128,5 @@ def combine_rows(y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None) 
 
 
 @combine_rows.register_fake
-def _(y_ND, pos_TK, weight_TK=None):
-    return y_ND.new_empty(pos_TK.shape[0], y_ND.shape[1])
+def _(y_ND, pos_TK, weight_TK=None, dtype=None):
+    return y_ND.new_empty(pos_TK.shape[0], y_ND.shape[1], dtype=dtype)

@@ -151,7 +151,7 @@ def test_a_lock_left_by_a_process_killed_while_loading_the_kernels_does_not_bloc
     killed then (a preempted or crashed run) left it behind and every later run hung."""
     directory = cpu_gemm.build_directory()
     (directory / "lock").touch()  # what a SIGKILL inside torch's extension loader leaves
-    load = "from moe.kernels import cpu_gemm; cpu_gemm._module()"
+    load = "from moe.kernels import cpu_gemm; cpu_gemm.module()"
     out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert not (directory / "lock").exists()

@@ -8,7 +8,8 @@ from moe.kernels.backends import triton_available
 from tests.kernels.test_dispatch_plan import random_choices
 from tests.reference import generator
 
-ROW_BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+# auto: our CPU kernels (cpu_rows) on AVX512-BF16 CPUs, PyTorch's elsewhere.
+ROW_BACKENDS = ["torch", "auto"] + (["triton"] if triton_available() else [])
 
 
 def naive_unpermute(y, gates, plan):
@@ -56,3 +57,24 @@ def test_permute_unpermute_gradcheck_float64():
     torch.autograd.gradcheck(
         lambda a, b: unpermute(permute(a, plan, "torch") ** 2, b, plan, "torch"), (x, gates)
     )
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_permute_under_autocast_gathers_into_the_autocast_dtype(backend):
+    """What the experts' GEMM would cast to, cast once while gathering; the gradient comes
+    back in the input's dtype, equal to casting after a float32 permute."""
+    g = generator(5)
+    plan = plan_dispatch(random_choices(13, 2, 4, g), 4, 5)
+    x = torch.randn(13, 19, generator=g, requires_grad=True)
+    grad = torch.randn(plan.num_rows, 19, generator=g).bfloat16()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        x_ND = permute(x, plan, backend)
+    assert x_ND.dtype == torch.bfloat16
+    (dx,) = torch.autograd.grad(x_ND, x, grad)
+    ref = x[plan.row_token_N].bfloat16()
+    assert dx.dtype == torch.float32
+    torch.testing.assert_close(x_ND, ref, rtol=0, atol=0)
+    kept = torch.zeros(plan.num_rows, 1)
+    kept[: int(plan.offsets_E[-1])] = 1  # a dropped copy's row passes no gradient back
+    (ref_dx,) = torch.autograd.grad(ref, x, grad * kept)
+    torch.testing.assert_close(dx, ref_dx, rtol=2**-7, atol=1e-2)

@@ -4,6 +4,7 @@
 import pytest
 import torch
 import torch._dynamo
+from moe.kernels import cpu_rows
 
 from moe.layers import MoEConfig, MoELayer
 from moe.model.transformer import Block, rotary_tables
@@ -11,6 +12,10 @@ from tests.small_model import small_model_config
 
 # (capacity factor, priority): dropless, tight Switch capacity, batch-prioritized capacity.
 ROUTINGS = [(0.0, "sequence"), (1.0, "sequence"), (0.75, "gate")]
+# aot_eager reruns eager's kernels, so compiled equals eager exactly, except where eager's
+# dispatch rows run our CPU kernels (kernels/cpu_rows.py; a trace takes PyTorch's): their
+# float32 sums and dot products add in another order, equal to float32 rounding.
+SAME = 1e-6 if cpu_rows.usable(torch.zeros(1)) else 0.0
 
 
 def layer_and_input(capacity_factor, priority, top_k, seed=0, backend="auto"):
@@ -60,7 +65,7 @@ def test_layer_is_one_graph_equal_to_eager(capacity_factor, priority, top_k):
     assert explained.graph_count == 1
     eager = loss_and_grads(layer, x)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    assert_same(eager, loss_and_grads(compiled, x), atol=0)
+    assert_same(eager, loss_and_grads(compiled, x), atol=SAME)
     if capacity_factor > 0:
         assert eager[1].dropped_fraction > 0  # the capacity path was exercised
 
@@ -96,7 +101,7 @@ def test_block_is_one_graph_equal_to_eager():
     # so there the block compiles as users get it, with inductor, to rounding.
     cuda = x.is_cuda
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if cuda else "aot_eager")
-    assert_same(eager, loss_and_grads(compiled, x, cos, sin), atol=1e-5 if cuda else 0)
+    assert_same(eager, loss_and_grads(compiled, x, cos, sin), atol=1e-5 if cuda else SAME)
 
 
 @pytest.mark.slow
