@@ -28,14 +28,23 @@ inline __mmask16 lanes(int64_t n) {
 }
 
 // 16 values (the first lanes of m) as float32, from bfloat16 or float32 ...
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+// (Masked only where m is partial: a masked store costs several times a plain one on AMD.)
+inline __m512 load16(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
 inline __m512 load16(const bf16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  const __m256i h = m == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 // ... and back, rounded to nearest even for bfloat16 (as .to() rounds).
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(float* p, __m512 v, __mmask16 m) {
+  if (m == 0xFFFF) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, m, v);
+}
 inline void store16(bf16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  if (m == 0xFFFF) _mm256_storeu_si256((__m256i*)p, h);
+  else _mm256_mask_storeu_epi16(p, m, h);
 }
 
 template <typename T>
