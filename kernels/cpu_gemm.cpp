@@ -506,11 +506,13 @@ at::Tensor gmm_at_b(const at::Tensor& a, const at::Tensor& c, const at::Tensor& 
   return dw;
 }
 
-void add_row_ops(pybind11::module_& m);  // cpu_rows.cpp, built into the same module
+void add_row_ops(pybind11::module_& m);     // cpu_rows.cpp and cpu_router.cpp, built
+void add_router_ops(pybind11::module_& m);  // into the same module
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gmm_x_wt", &gmm_x_wt, "y[g] = x[g] @ w[e]^T, w [E, O, I]");
   m.def("gmm_x_w", &gmm_x_w, "y[g] = x[g] @ w[e], w [E, I, O]");
   m.def("gmm_at_b", &gmm_at_b, "dw[e] = a[g]^T @ c[g], in float32 if out_float32");
   add_row_ops(m);
+  add_router_ops(m);
 }

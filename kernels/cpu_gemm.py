@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# One module: the grouped GEMMs and the dispatch rows (cpu_rows.cpp).
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("cpu_gemm.cpp", "cpu_rows.cpp")]
+# One module: the grouped GEMMs, the dispatch rows and the router's scores.
+SOURCES = [str(Path(__file__).with_name(f"cpu_{part}.cpp")) for part in ("gemm", "rows", "router")]
 # -fopenmp: at::parallel_for is inline OpenMP; the process shares torch's OpenMP runtime.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 

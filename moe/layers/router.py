@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe.kernels import count_per_expert
+from moe.kernels import count_per_expert, cpu_router
 
 from .config import MoEConfig
 
@@ -85,6 +85,8 @@ class Router(nn.Module):
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
+            if self._fused(logits_TE):
+                return self._route_fused(logits_TE, load_E, world_sum)
             if self.score == "sigmoid":
                 scores_TE = torch.sigmoid(logits_TE)
                 # The balancing loss and the entropy want a distribution over experts.
@@ -107,6 +109,37 @@ class Router(nn.Module):
             z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         return RouterOutput(ids_TK, gates_TK, aux_loss, z_loss, routed_E, entropy.detach())
+
+    def _fused(self, logits_TE: Tensor) -> bool:
+        """Whether our CPU kernel can do the rest (kernels/cpu_router.py): the same results
+        in one pass, for every setting but group-limited choice and per-sequence balance."""
+        plain = self.n_group == 1 and self.balance != "sequence" and logits_TE.shape[0] > 0
+        return plain and cpu_router.usable(logits_TE)
+
+    def _route_fused(
+        self,
+        logits_TE: Tensor,
+        load_E: Tensor | None,
+        world_sum: Callable[[Tensor], Tensor] | None,
+    ) -> RouterOutput:
+        T, E = logits_TE.shape
+        routed = cpu_router.route(
+            logits_TE,
+            self.expert_bias_E,
+            self.top_k,
+            sigmoid=self.score == "sigmoid",
+            renormalize=self.gate_mode == "renormalize",
+            scale=self.gate_scale,
+        )
+        f_E = self._frequencies(routed.routed_E, load_E, world_sum, routed.probs_sum_E.dtype)
+        return RouterOutput(
+            ids_TK=routed.ids_TK,
+            gates_TK=routed.gates_TK,
+            aux_loss=E * torch.sum(f_E * routed.probs_sum_E) / T,
+            z_loss=routed.lse_sq_sum / T,
+            routed_E=routed.routed_E,
+            entropy=routed.entropy_sum / T,
+        )
 
     def _choose(self, scores_TE: Tensor) -> Tensor:
         """Top-k experts by score plus the selection bias, within each token's ``topk_group``
@@ -141,12 +174,23 @@ class Router(nn.Module):
             f_BE = copies_BE.to(probs_TE.dtype) / (S * self.top_k)
             P_BE = probs_TE.unflatten(0, (-1, S)).mean(1)
             return E * (f_BE * P_BE).sum(-1).mean()
+        f_E = self._frequencies(routed_E, load_E, world_sum, probs_TE.dtype)
+        return E * torch.sum(f_E * probs_TE.mean(dim=0))
+
+    def _frequencies(
+        self,
+        routed_E: Tensor,
+        load_E: Tensor | None,
+        world_sum: Callable[[Tensor], Tensor] | None,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """f_i of the balancing loss (balance "global" or "micro"): each expert's share of
+        the token copies."""
         if self.balance == "global" and load_E is not None:
             counts_E = load_E
         else:  # this forward's tokens, on every data-parallel rank when a reducer is set
             counts_E = routed_E if world_sum is None else world_sum(routed_E)
-        f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
-        return E * torch.sum(f_E * probs_TE.mean(dim=0))
+        return counts_E.to(dtype) / counts_E.sum().clamp_min(1)
 
     @torch.no_grad()
     def update_expert_bias(self, routed_E: Tensor, rate: float = 1e-3) -> None:

@@ -13,8 +13,8 @@ from tests.small_model import small_model_config
 # (capacity factor, priority): dropless, tight Switch capacity, batch-prioritized capacity.
 ROUTINGS = [(0.0, "sequence"), (1.0, "sequence"), (0.75, "gate")]
 # aot_eager reruns eager's kernels, so compiled equals eager exactly, except where eager's
-# dispatch rows run our CPU kernels (kernels/cpu_rows.py; a trace takes PyTorch's): their
-# float32 sums and dot products add in another order, equal to float32 rounding.
+# router and dispatch rows run our CPU kernels (kernels/cpu_router.py, cpu_rows.py; a trace
+# takes PyTorch's): their float32 sums add in another order, equal to float32 rounding.
 SAME = 1e-6 if cpu_rows.usable(torch.zeros(1)) else 0.0
 
 

@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from moe.kernels import cpu_router
 
 from moe.layers import MoEConfig, MoELayer, Router
-from tests.reference import reference_moe
+from tests.reference import on_cpu, reference_moe
 
 
 def test_expert_bias_steers_selection_but_not_gates():
@@ -59,3 +63,67 @@ def test_jitter_only_in_training():
 def test_invalid_config_fails_with_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MoEConfig(**kwargs)
+
+
+# (score, gate_mode, gate_scale, expert bias, balance, E, K): every setting the CPU kernel
+# takes (kernels/cpu_router.py), with odd expert counts and every top-k up to 4.
+FUSED_SETTINGS = [
+    ("softmax", "switch", 1.0, False, "micro", 8, 2),
+    ("softmax", "renormalize", 2.5, False, "micro", 5, 1),
+    ("sigmoid", "switch", 1.0, True, "global", 8, 2),
+    ("sigmoid", "renormalize", 1.0, True, "micro", 7, 4),
+    ("softmax", "switch", 0.5, True, "global", 64, 3),
+]
+
+
+@on_cpu
+@pytest.mark.skipif(
+    not cpu_router.usable(torch.zeros(1, 1)), reason="needs our CPU kernels (AVX512-BF16)"
+)
+@pytest.mark.parametrize("setting", FUSED_SETTINGS, ids=lambda s: "-".join(map(str, s)))
+def test_cpu_kernel_router_matches_float64(setting):
+    """The float32 router on our CPU kernel against the PyTorch path in float64 on the same
+    weights: choices, gates, both losses, the statistics, and every gradient."""
+    score, gate_mode, gate_scale, bias, balance, E, K = setting
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=K,
+        score=score,
+        gate_mode=gate_mode,
+        gate_scale=gate_scale,
+        expert_bias=bias,
+        balance=balance,
+    )
+    torch.manual_seed(E + K)
+    router = Router(24, cfg)
+    if bias:
+        with torch.no_grad():
+            router.expert_bias_E.copy_(torch.randn(E) * 0.05)
+    reference = copy.deepcopy(router).double()
+    x = torch.randn(301, 24)  # past one 256-token block of the kernel's sums
+    load = torch.randint(1, 50, (E,)) if balance == "global" else None
+
+    def run(module, inputs):
+        inputs = inputs.clone().requires_grad_()
+        out = module(inputs, load_E=load)
+        weights = torch.linspace(-1, 1, out.gates_TK.numel()).view_as(out.gates_TK)
+        loss = (out.gates_TK * weights.to(out.gates_TK)).sum() + 3 * out.aux_loss + 5 * out.z_loss
+        loss.backward()
+        return out, inputs.grad, module.weight_ED.grad
+
+    with torch.no_grad():
+        assert router._fused(F.linear(x, router.weight_ED))  # the kernel runs here
+    out, dx, dw = run(router, x)
+    ref, ref_dx, ref_dw = run(reference, x.double())
+    assert torch.equal(out.ids_TK, ref.ids_TK)
+    assert torch.equal(out.routed_E, ref.routed_E)
+    for a, b in [
+        (out.gates_TK, ref.gates_TK),
+        (out.aux_loss, ref.aux_loss),
+        (out.z_loss, ref.z_loss),
+        (out.entropy, ref.entropy),
+        (dx, ref_dx),
+        (dw, ref_dw),
+    ]:
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,81 @@
+"""The router's work after its logits on CPUs where our kernels build (``cpu_router.cpp``):
+scores, top-k selection, gates and the sums behind the balancing loss, the z-loss and the
+entropy, in one pass forward and one backward.
+
+Shape legend: T tokens, E experts, K chosen per token.
+
+Eager float32 only; ``moe.layers.router`` keeps its PyTorch path for everything else
+(float64, compiled traces, group-limited choice, per-sequence balancing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import cpu_gemm
+
+
+def usable(logits_TE: Tensor) -> bool:
+    if torch.compiler.is_compiling() or logits_TE.device.type != "cpu":
+        return False
+    return logits_TE.dtype == torch.float32 and cpu_gemm.avx512_available()
+
+
+@dataclass
+class Routed:
+    """ids_TK, gates_TK: the choices and their combine weights. probs_sum_E: the routing
+    probabilities summed over tokens. lse_sq_sum: ``sum_t logsumexp(l_t)^2``. entropy_sum:
+    summed over tokens (nats; no gradient). routed_E: copies per expert (int64)."""
+
+    ids_TK: Tensor
+    gates_TK: Tensor
+    probs_sum_E: Tensor
+    lse_sq_sum: Tensor
+    entropy_sum: Tensor
+    routed_E: Tensor
+
+
+def route(
+    logits_TE: Tensor,
+    bias_E: Tensor | None,
+    top_k: int,
+    sigmoid: bool,
+    renormalize: bool,
+    scale: float,
+) -> Routed:
+    """Scores ``softmax(l)`` or ``sigmoid(l)``; the probabilities are the scores normalised
+    to sum 1; the top ``top_k`` of score + bias are chosen; gates are their scores
+    (renormalised to sum 1 if asked) times ``scale``."""
+    bias = None if bias_E is None else bias_E.float().contiguous()
+    args = (top_k, sigmoid, renormalize, float(scale))
+    return Routed(*_Route.apply(logits_TE.contiguous(), bias, *args))
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, bias_E, top_k, sigmoid, renormalize, scale):
+        outputs = cpu_gemm.module().route_forward(
+            logits_TE, bias_E, top_k, sigmoid, renormalize, scale
+        )
+        ids_TK, _, _, _, entropy_sum, routed_E = outputs
+        ctx.save_for_backward(logits_TE, ids_TK)
+        ctx.args = (sigmoid, renormalize, scale)
+        ctx.mark_non_differentiable(ids_TK, entropy_sum, routed_E)
+        ctx.set_materialize_grads(False)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, _ids, dgates_TK, dprobs_sum_E, dlse_sq_sum, _entropy, _routed):
+        logits_TE, ids_TK = ctx.saved_tensors
+        dlogits = cpu_gemm.module().route_backward(
+            logits_TE,
+            ids_TK,
+            None if dgates_TK is None else dgates_TK.float().contiguous(),
+            None if dprobs_sum_E is None else dprobs_sum_E.float().contiguous(),
+            0.0 if dlse_sq_sum is None else float(dlse_sq_sum),
+            *ctx.args,
+        )
+        return dlogits, None, None, None, None, None
