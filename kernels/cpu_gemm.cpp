@@ -385,13 +385,12 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
   });
 }
 
-// y[g] = x[g] @ w[e] with w [E, I, O] contiguous: x is A, read in place; the weight is
-// packed, one panel of NC columns per task.
-template <typename T, typename W>
-void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
-  const int64_t I = x.size(1), E = w.size(0), O = w.size(2), kwords = words_for<T>(I);
+// y[g] = x[g] @ B_e with x as A, read in place, and B_e packed one panel of NC columns per
+// task by pack(e, c0, width, panel): the kernel of both weight layouts below.
+template <typename T, typename Pack>
+void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack) {
+  const int64_t I = x.size(1), kwords = words_for<T>(I);
   const T* xp = data<T>(x);
-  const W* wp = data<W>(w);
   T* yp = data<T>(y);
   const int64_t blocks = (O + NC - 1) / NC;
   at::parallel_for(0, E * blocks, 1, [&](int64_t t0, int64_t t1) {
@@ -401,7 +400,7 @@ void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<in
       const int64_t e = t / blocks, rows = b[e + 1] - b[e];
       const int64_t c0 = t % blocks * NC, width = std::min<int64_t>(NC, O - c0);
       if (rows == 0) continue;
-      pack_rows<T>(wp + e * I * O + c0, O, I, width, panel.data());
+      pack(e, c0, width, panel.data());
       for (int64_t m0 = 0; m0 < rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, rows - m0);
         for (int64_t p = 0; p * NR < width; ++p) {
@@ -411,6 +410,40 @@ void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<in
         }
       }
     }
+  });
+}
+
+// y[g] = x[g] @ w[e] with w [E, I, O] contiguous: the weight's columns packed as they lie.
+template <typename T, typename W>
+void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
+  const int64_t I = x.size(1), O = w.size(2);
+  const W* wp = data<W>(w);
+  gmm_rows_into<T>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
+    pack_rows<T>(wp + e * I * O + c0, O, I, width, panel);
+  });
+}
+
+// y[g] = x[g] @ w[e]^T with w [E, O, I] (the nn.Linear layout) for a weight smaller than
+// the rows (see gmm_x_wt): the weight's rows packed transposed (a float32 one rounded to
+// bfloat16 first, a task's rows at a time), so the rows are read in place and the output
+// stored as it lies, with no transposed tiles.
+template <typename T, typename W>
+void gmm_x_wt_small_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
+  const int64_t I = x.size(1), O = w.size(1), kwords = words_for<T>(I);
+  const W* wp = data<W>(w);
+  gmm_rows_into<T>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
+    const W* rows = wp + (e * O + c0) * I;
+    thread_local std::vector<T> rounded;
+    const T* src;
+    if constexpr (std::is_same_v<T, W>) {
+      src = rows;
+    } else {
+      rounded.resize(width * I);
+      round_to_bf16(rows, width * I, rounded.data());
+      src = rounded.data();
+    }
+    for (int64_t p = 0; p * NR < width; ++p)
+      pack_transposed<T>(src + p * NR * I, I, std::min<int64_t>(NR, width - p * NR), I, panel + p * kwords * NR);
   });
 }
 
@@ -479,10 +512,17 @@ void with_dtypes(const at::Tensor& x, const at::Tensor& w, Body body) {
 
 }  // namespace
 
+// The weight is read in place (gmm_x_wt_into) unless it is at most half the size of the rows:
+// then packing it costs less than packing the rows and storing transposed tiles (a small
+// model's layer: 0.38 -> 0.29 ms for 4096 rows of 128 against 8 experts of 256 x 128).
 at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
   auto b = group_bounds(offsets);
   auto y = output_rows(x, w.size(1), b.back());
-  with_dtypes(x, w, [&](auto t, auto wt) { gmm_x_wt_into<decltype(t), decltype(wt)>(x, w, b, y); });
+  const bool small_weight = 2 * w.numel() <= x.numel();
+  with_dtypes(x, w, [&](auto t, auto wt) {
+    if (small_weight) gmm_x_wt_small_into<decltype(t), decltype(wt)>(x, w, b, y);
+    else gmm_x_wt_into<decltype(t), decltype(wt)>(x, w, b, y);
+  });
   return y;
 }
 

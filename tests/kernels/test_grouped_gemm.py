@@ -27,6 +27,9 @@ CASES = {
     "many_tiles": ([70, 1, 0, 130], 40, 72),
     # Past every tile and block size of the avx512 kernels, odd in every dim.
     "large_odd": ([201, 3, 0, 77, 33], 131, 301),
+    # Rows outnumbering twice the weight's (E * P): the forward packs the weight instead of
+    # the rows (cpu_gemm.cpp, gmm_x_wt), also across NC-column and MR-row tiles.
+    "small_weight": ([500, 0, 411], 131, 150),
 }
 
 
@@ -209,13 +212,14 @@ def test_avx512_zeroes_rows_past_the_groups_and_rejects_other_dtypes(dtype):
 
 @needs_avx512
 @on_cpu
+@pytest.mark.parametrize("case", ["large_odd", "small_weight"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
-def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed):
+def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed, case):
     """Under autocast a float32 weight goes to the kernels as it is: the same outputs and
     input gradient as the bfloat16 copy autocast would make, bit for bit, and a float32
     weight gradient with no bfloat16 rounding (float64-close to 1e-5, where the rounded one
     is 2^-9 off)."""
-    counts, K, P = CASES["large_odd"]
+    counts, K, P = CASES[case]
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     g = generator(3)
     x = torch.randn(sum(counts), K, generator=g)
