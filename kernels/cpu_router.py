@@ -1,10 +1,11 @@
-"""The router's work after its logits on CPUs where our kernels build (``cpu_router.cpp``):
-scores, top-k selection, gates and the sums behind the balancing loss, the z-loss and the
-entropy, in one pass forward and one backward.
+"""The router on CPUs where our kernels build (``cpu_router.cpp``): its logits (up to 32
+experts), scores, top-k selection, gates and the sums behind the balancing loss, the z-loss
+and the entropy, in one pass forward and one backward.
 
 Shape legend: T tokens, E experts, K chosen per token.
 
-Eager float32 only; ``moe.layers.router`` keeps its PyTorch path for everything else
+Eager, bfloat16 or float32 rows (the logits and everything after them in float32, as the
+PyTorch path computes them); ``moe.layers.router`` keeps that path for everything else
 (float64, compiled traces, group-limited choice, per-sequence balancing).
 """
 
@@ -13,15 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_gemm
 
+LINEAR_EXPERTS = 32  # up to this many experts our kernel computes the logits too
 
-def usable(logits_TE: Tensor) -> bool:
-    if torch.compiler.is_compiling() or logits_TE.device.type != "cpu":
+
+def usable(x_TD: Tensor) -> bool:
+    """Whether these router inputs (bfloat16 or float32 CPU rows) can take our kernel."""
+    if torch.compiler.is_compiling() or x_TD.device.type != "cpu":
         return False
-    return logits_TE.dtype == torch.float32 and cpu_gemm.avx512_available()
+    return x_TD.dtype in (torch.bfloat16, torch.float32) and cpu_gemm.avx512_available()
 
 
 @dataclass
@@ -39,29 +44,33 @@ class Routed:
 
 
 def route(
-    logits_TE: Tensor,
+    x_TD: Tensor,
+    weight_ED: Tensor,
     bias_E: Tensor | None,
     top_k: int,
     sigmoid: bool,
     renormalize: bool,
     scale: float,
 ) -> Routed:
-    """Scores ``softmax(l)`` or ``sigmoid(l)``; the probabilities are the scores normalised
-    to sum 1; the top ``top_k`` of score + bias are chosen; gates are their scores
-    (renormalised to sum 1 if asked) times ``scale``."""
+    """Logits ``x @ weight^T`` in float32; scores ``softmax(l)`` or ``sigmoid(l)``; the
+    probabilities are the scores normalised to sum 1; the top ``top_k`` of score + bias are
+    chosen; gates are their scores (renormalised to sum 1 if asked) times ``scale``."""
     bias = None if bias_E is None else bias_E.float().contiguous()
     args = (top_k, sigmoid, renormalize, float(scale))
-    return Routed(*_Route.apply(logits_TE.contiguous(), bias, *args))
+    return Routed(*_Route.apply(x_TD.contiguous(), weight_ED.float().contiguous(), bias, *args))
 
 
 class _Route(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE, bias_E, top_k, sigmoid, renormalize, scale):
-        outputs = cpu_gemm.module().route_forward(
-            logits_TE, bias_E, top_k, sigmoid, renormalize, scale
-        )
+    def forward(ctx, x_TD, weight_ED, bias_E, top_k, sigmoid, renormalize, scale):
+        kernels = cpu_gemm.module()
+        if weight_ED.shape[0] <= LINEAR_EXPERTS:
+            logits_TE = kernels.router_logits(x_TD, weight_ED)
+        else:  # a library GEMM: many columns
+            logits_TE = F.linear(x_TD.float(), weight_ED)
+        outputs = kernels.route_forward(logits_TE, bias_E, top_k, sigmoid, renormalize, scale)
         ids_TK, _, _, _, entropy_sum, routed_E = outputs
-        ctx.save_for_backward(logits_TE, ids_TK)
+        ctx.save_for_backward(x_TD, weight_ED, logits_TE, ids_TK)
         ctx.args = (sigmoid, renormalize, scale)
         ctx.mark_non_differentiable(ids_TK, entropy_sum, routed_E)
         ctx.set_materialize_grads(False)
@@ -69,8 +78,9 @@ class _Route(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _ids, dgates_TK, dprobs_sum_E, dlse_sq_sum, _entropy, _routed):
-        logits_TE, ids_TK = ctx.saved_tensors
-        dlogits = cpu_gemm.module().route_backward(
+        x_TD, weight_ED, logits_TE, ids_TK = ctx.saved_tensors
+        kernels = cpu_gemm.module()
+        dlogits_TE = kernels.route_backward(
             logits_TE,
             ids_TK,
             None if dgates_TK is None else dgates_TK.float().contiguous(),
@@ -78,4 +88,9 @@ class _Route(torch.autograd.Function):
             0.0 if dlse_sq_sum is None else float(dlse_sq_sum),
             *ctx.args,
         )
-        return dlogits, None, None, None, None, None
+        if weight_ED.shape[0] <= LINEAR_EXPERTS:
+            dx_TD, dweight_ED = kernels.router_linear_backward(x_TD, weight_ED, dlogits_TE)
+        else:
+            dx_TD = (dlogits_TE @ weight_ED).to(x_TD.dtype)
+            dweight_ED = dlogits_TE.t() @ x_TD.float()
+        return dx_TD, dweight_ED, None, None, None, None, None

@@ -84,9 +84,9 @@ class Router(nn.Module):
         # float32 at least (float64 stays float64, for reference tests).
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(x_TD.device.type, enabled=False):
+            if self._fused(x_TD):
+                return self._route_fused(x_TD, load_E, world_sum)
             logits_TE = F.linear(x_TD.to(dtype), self.weight_ED.to(dtype))
-            if self._fused(logits_TE):
-                return self._route_fused(logits_TE, load_E, world_sum)
             if self.score == "sigmoid":
                 scores_TE = torch.sigmoid(logits_TE)
                 # The balancing loss and the entropy want a distribution over experts.
@@ -110,21 +110,23 @@ class Router(nn.Module):
             entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
         return RouterOutput(ids_TK, gates_TK, aux_loss, z_loss, routed_E, entropy.detach())
 
-    def _fused(self, logits_TE: Tensor) -> bool:
-        """Whether our CPU kernel can do the rest (kernels/cpu_router.py): the same results
-        in one pass, for every setting but group-limited choice and per-sequence balance."""
-        plain = self.n_group == 1 and self.balance != "sequence" and logits_TE.shape[0] > 0
-        return plain and cpu_router.usable(logits_TE)
+    def _fused(self, x_TD: Tensor) -> bool:
+        """Whether our CPU kernel can route these rows (kernels/cpu_router.py): the same
+        results in one pass, for every setting but group-limited choice and per-sequence
+        balance."""
+        plain = self.n_group == 1 and self.balance != "sequence" and x_TD.shape[0] > 0
+        return plain and cpu_router.usable(x_TD)
 
     def _route_fused(
         self,
-        logits_TE: Tensor,
+        x_TD: Tensor,
         load_E: Tensor | None,
         world_sum: Callable[[Tensor], Tensor] | None,
     ) -> RouterOutput:
-        T, E = logits_TE.shape
+        T, E = x_TD.shape[0], self.num_experts
         routed = cpu_router.route(
-            logits_TE,
+            x_TD,
+            self.weight_ED,
             self.expert_bias_E,
             self.top_k,
             sigmoid=self.score == "sigmoid",
