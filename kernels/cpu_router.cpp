@@ -285,7 +285,8 @@ void with_row_type(const at::Tensor& x, Body body) {
 void check_weight(const at::Tensor& w, const at::Tensor& x) {
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) &&
                   w.size(0) <= MAX_LINEAR_EXPERTS,
-              "weight must be a contiguous float32 [E, D] with E <= ", MAX_LINEAR_EXPERTS);
+              "weight must be a contiguous float32 [E, D] with E <= ", MAX_LINEAR_EXPERTS,
+              " and x's D; got ", w.sizes(), " for x ", x.sizes());
 }
 
 }  // namespace
