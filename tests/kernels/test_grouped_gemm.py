@@ -27,9 +27,9 @@ CASES = {
     "many_tiles": ([70, 1, 0, 130], 40, 72),
     # Past every tile and block size of the avx512 kernels, odd in every dim.
     "large_odd": ([201, 3, 0, 77, 33], 131, 301),
-    # Rows outnumbering twice the weight's (E * P): the forward packs the weight instead of
-    # the rows (cpu_gemm.cpp, gmm_x_wt), also across NC-column and MR-row tiles.
-    "small_weight": ([500, 0, 411], 131, 150),
+    # Over 256 rows per expert on average: the forward packs the weight instead of the rows
+    # (cpu_gemm.cpp, gmm_x_wt), also across NC-column and MR-row tiles.
+    "many_rows_per_expert": ([500, 0, 411], 131, 150),
 }
 
 
@@ -212,7 +212,7 @@ def test_avx512_zeroes_rows_past_the_groups_and_rejects_other_dtypes(dtype):
 
 @needs_avx512
 @on_cpu
-@pytest.mark.parametrize("case", ["large_odd", "small_weight"])
+@pytest.mark.parametrize("case", ["large_odd", "many_rows_per_expert"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
 def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed, case):
     """Under autocast a float32 weight goes to the kernels as it is: the same outputs and
