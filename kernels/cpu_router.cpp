@@ -70,8 +70,7 @@ struct Row {
 };
 
 // Scores, probs and softmax(l) of one row into s, p and soft (padded(E) entries each; zero
-// past E), 16 lanes at a time with one exp per logit: sigmoid(l) = u / (u + exp(-max)) with
-// u = exp(l - max) where exp(-max) is finite, else 1 / (1 + exp(-l)).
+// past E), 16 lanes at a time.
 Row scores_of(const float* l, int64_t E, bool sigmoid, float* s, float* p, float* soft) {
   Row r;
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -87,18 +86,16 @@ Row scores_of(const float* l, int64_t E, bool sigmoid, float* s, float* p, float
     sum = _mm512_add_ps(sum, u);
   }
   r.sum_exp = _mm512_reduce_add_ps(sum);
-  const float c = std::exp(-r.max_logit);
-  const __m512 inv = _mm512_set1_ps(1.0f / r.sum_exp), cv = _mm512_set1_ps(c), one = _mm512_set1_ps(1.0f);
+  const __m512 inv = _mm512_set1_ps(1.0f / r.sum_exp), one = _mm512_set1_ps(1.0f);
   __m512 score_sum = _mm512_setzero_ps();
   for (int64_t e = 0; e < E; e += 16) {
     const __mmask16 m = lanes(E - e);
     const __m512 u = _mm512_loadu_ps(soft + e), q = _mm512_mul_ps(u, inv);
     _mm512_storeu_ps(soft + e, q);
     __m512 sc = q;
-    if (sigmoid) {
-      sc = std::isfinite(c) ? _mm512_div_ps(u, _mm512_add_ps(u, cv))
-                            : _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, l + e)))));
-      sc = _mm512_maskz_mov_ps(m, sc);
+    if (sigmoid) {  // 1 / (1 + exp(-l)); exp16 clamps, so no inf / inf
+      const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, l + e));
+      sc = _mm512_maskz_mov_ps(m, _mm512_div_ps(one, _mm512_add_ps(one, exp16(neg))));
     }
     _mm512_storeu_ps(s + e, sc);
     score_sum = _mm512_add_ps(score_sum, sc);

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from moe.kernels import cpu_router
 
 from moe.layers import MoEConfig, MoELayer, Router
@@ -132,3 +133,36 @@ def test_cpu_kernel_router_matches_float64(setting, rows):
         {"rtol": 2**-8, "atol": 1e-5} if rows == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
     )
     torch.testing.assert_close(dx.double(), ref_dx, **close)
+
+
+@on_cpu
+@pytest.mark.skipif(
+    not cpu_router.usable(torch.zeros(1, 1)), reason="needs our CPU kernels (AVX512-BF16)"
+)
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_cpu_kernel_router_with_huge_logits_matches_pytorch(score, monkeypatch):
+    """Logits of +-300 (a diverging run): scores saturate in float32 exactly as PyTorch's
+    float32 path saturates them (float64 would still tell them apart), with no NaN or
+    infinity from the kernel's exps. Saturated scores tie, and ties may be chosen in
+    another order: the chosen scores agree, and each is its expert's score."""
+    torch.manual_seed(0)
+    router = Router(16, MoEConfig(num_experts=6, top_k=2, score=score))
+    with torch.no_grad():
+        router.weight_ED.mul_(300.0)
+    x = torch.randn(40, 16)
+    out = router(x)
+    monkeypatch.setattr(cpu_router, "usable", lambda *tensors: False)
+    ref = router(x)
+    assert torch.isfinite(out.gates_TK).all() and torch.isfinite(out.z_loss)
+    torch.testing.assert_close(out.gates_TK, ref.gates_TK, rtol=1e-5, atol=1e-6)
+    logits = F.linear(x, router.weight_ED).detach()
+    scores = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, -1)
+    torch.testing.assert_close(out.gates_TK, scores.gather(1, out.ids_TK), rtol=1e-5, atol=1e-6)
+    # The balancing loss of the kernel's own choices (the expert shares follow the choices).
+    probs = scores / scores.sum(-1, keepdim=True)
+    shares = out.routed_E.float() / out.routed_E.sum()
+    torch.testing.assert_close(
+        out.aux_loss, 6 * (shares * probs.mean(0)).sum(), rtol=1e-5, atol=1e-6
+    )
+    for a, b in [(out.z_loss, ref.z_loss), (out.entropy, ref.entropy)]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
