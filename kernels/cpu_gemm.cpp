@@ -17,7 +17,6 @@
 // Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -27,6 +26,8 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_simd.h"
+
 namespace {
 
 constexpr int NR = 32;   // columns per micro-tile: two zmm registers of float32
@@ -34,8 +35,6 @@ constexpr int MR = 12;   // rows per micro-tile: 24 accumulators, 27 of 32 regis
 constexpr int NC = 128;  // columns per task in x @ w (its packed weight panel stays in L2)
 constexpr int OB = 96;   // weight rows per task in x @ w^T
 constexpr int XB = 4;    // x^T panels per pass in x @ w^T (kept in L2 while the task's weight rows pass)
-
-using bf16 = uint16_t;
 
 // Values of k per 32-bit word: a bfloat16 pair, or one float32.
 template <typename T>
@@ -111,31 +110,13 @@ void micro_rows(int R, const T* a, int64_t ld, int64_t k, const uint32_t* b, __m
   MICRO<T>[R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, (const char*)pf, (pf_bytes + 63) / 64);
 }
 
-inline __mmask16 first_lanes(int n) {
-  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
-
-inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }  // round to nearest even
-
-// The first lanes of m of v to c, as bfloat16 or float32. Masked only where m is partial: on
-// AMD's Zen a masked store costs several plain ones (a gather of 4096 bfloat16 rows of 128
-// took 76 us with masked stores, 24 us without).
-inline void store_row(__m512 v, __mmask16 m, bf16* c) {
-  if (m == 0xFFFF) _mm256_storeu_si256((__m256i*)c, to_bf16(v));
-  else if (m) _mm256_mask_storeu_epi16(c, m, to_bf16(v));
-}
-inline void store_row(__m512 v, __mmask16 m, float* c) {
-  if (m == 0xFFFF) _mm512_storeu_ps(c, v);
-  else if (m) _mm512_mask_storeu_ps(c, m, v);
-}
-
 // Rows x cols of the tile to c (row stride ldc), as bfloat16 or float32.
 template <typename Out>
 void store_tile(const __m512* acc, int rows, int cols, Out* c, int64_t ldc) {
   const __mmask16 m0 = first_lanes(cols), m1 = first_lanes(cols - 16);
   for (int r = 0; r < rows; ++r) {
-    store_row(acc[2 * r], m0, c + r * ldc);
-    store_row(acc[2 * r + 1], m1, c + r * ldc + 16);
+    store16(c + r * ldc, acc[2 * r], m0);
+    store16(c + r * ldc + 16, acc[2 * r + 1], m1);
   }
 }
 
@@ -192,7 +173,7 @@ void transpose16(__m512* r) {
 // The tile transposed: element (r, j) to c[j * ldc + r], sixteen columns at a time through
 // registers. Still the forward's largest overhead: 4-32% of its time at I=256-512.
 // spill: the caller lets all 16 lanes be written (zeros past `rows`, overwritten by its next
-// tile), so that each store is a plain one, not a masked one (see store_row).
+// tile), so that each store is a plain one, not a masked one (see store16).
 template <typename Out>
 void store_tile_transposed(const __m512* acc, int rows, int cols, Out* c, int64_t ldc, bool spill) {
   const __mmask16 m = spill ? (__mmask16)0xFFFF : first_lanes(rows);
@@ -200,7 +181,7 @@ void store_tile_transposed(const __m512* acc, int rows, int cols, Out* c, int64_
     __m512 r[16];
     for (int i = 0; i < 16; ++i) r[i] = i < rows ? acc[2 * i + h] : _mm512_setzero_ps();
     transpose16(r);
-    for (int j = 0; j < std::min(16, cols - 16 * h); ++j) store_row(r[j], m, c + (16 * h + j) * ldc);
+    for (int j = 0; j < std::min(16, cols - 16 * h); ++j) store16(c + (16 * h + j) * ldc, r[j], m);
   }
 }
 
@@ -221,7 +202,7 @@ __m512i load_lanes(const float* p, __mmask16 m) {
 void round_to_bf16(const float* src, int64_t n, bf16* dst) {
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = first_lanes((int)std::min<int64_t>(16, n - i));
-    store_row(m == 0xFFFF ? _mm512_loadu_ps(src + i) : _mm512_maskz_loadu_ps(m, src + i), m, dst + i);
+    store16(dst + i, load16(src + i, m), m);
   }
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -24,8 +25,16 @@ from torch import Tensor
 
 # One module: the grouped GEMMs, the dispatch rows and the router's scores.
 SOURCES = [str(Path(__file__).with_name(f"cpu_{part}.cpp")) for part in ("gemm", "rows", "router")]
+HEADER = Path(__file__).with_name("cpu_simd.h")
 # -fopenmp: at::parallel_for is inline OpenMP; the process shares torch's OpenMP runtime.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+
+
+def build_flags() -> list[str]:
+    """CFLAGS and the shared header's digest: torch's loader rebuilds when a source or a flag
+    changes, and would not see a change to the header alone."""
+    digest = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
+    return [*CFLAGS, f"-DMOE_CPU_SIMD_H={digest}"]
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -59,7 +68,7 @@ def module():
         return load(
             name="moe_cpu_gemm",
             sources=SOURCES,
-            extra_cflags=CFLAGS,
+            extra_cflags=build_flags(),
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
         )

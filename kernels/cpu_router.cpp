@@ -12,7 +12,6 @@
 // Shape legend: T tokens, E experts, K chosen per token. All float32.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -20,6 +19,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_simd.h"
 
 namespace {
 
@@ -60,7 +61,6 @@ inline __m512 log16(__m512 x) {
   return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147181f), _mm512_add_ps(f, y));
 }
 
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 inline int64_t padded(int64_t E) { return (E + 15) / 16 * 16; }
 
 struct Row {
@@ -75,12 +75,12 @@ Row scores_of(const float* l, int64_t E, bool sigmoid, float* s, float* p, float
   Row r;
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t e = 0; e < E; e += 16)
-    mx = _mm512_mask_max_ps(mx, lanes(E - e), mx, _mm512_maskz_loadu_ps(lanes(E - e), l + e));
+    mx = _mm512_mask_max_ps(mx, first_lanes(E - e), mx, _mm512_maskz_loadu_ps(first_lanes(E - e), l + e));
   r.max_logit = _mm512_reduce_max_ps(mx);
   const __m512 max = _mm512_set1_ps(r.max_logit);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t e = 0; e < E; e += 16) {
-    const __mmask16 m = lanes(E - e);
+    const __mmask16 m = first_lanes(E - e);
     const __m512 u = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, l + e), max)));
     _mm512_storeu_ps(soft + e, u);
     sum = _mm512_add_ps(sum, u);
@@ -89,7 +89,7 @@ Row scores_of(const float* l, int64_t E, bool sigmoid, float* s, float* p, float
   const __m512 inv = _mm512_set1_ps(1.0f / r.sum_exp), one = _mm512_set1_ps(1.0f);
   __m512 score_sum = _mm512_setzero_ps();
   for (int64_t e = 0; e < E; e += 16) {
-    const __mmask16 m = lanes(E - e);
+    const __mmask16 m = first_lanes(E - e);
     const __m512 u = _mm512_loadu_ps(soft + e), q = _mm512_mul_ps(u, inv);
     _mm512_storeu_ps(soft + e, q);
     __m512 sc = q;
@@ -249,33 +249,12 @@ at::Tensor route_backward(const at::Tensor& logits, const at::Tensor& ids, const
 
 namespace {
 
-// 16 values of a row as float32, from bfloat16 or float32 (d: a multiple of 16 within D, or
-// the tail under mask m).
-inline __m512 load16(const float* p, __mmask16 m) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-inline __m512 load16(const uint16_t* p, __mmask16 m) {
-  const __m256i h = m == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-// ... and back (plain stores where m is full: masked ones cost several times more on AMD).
-inline void store16(float* p, __m512 v, __mmask16 m) {
-  if (m == 0xFFFF) _mm512_storeu_ps(p, v);
-  else _mm512_mask_storeu_ps(p, m, v);
-}
-inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  if (m == 0xFFFF) _mm256_storeu_si256((__m256i*)p, h);
-  else _mm256_mask_storeu_epi16(p, m, h);
-}
-inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
-
 template <typename Body>
 void with_row_type(const at::Tensor& x, Body body) {
   TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
                   x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous bfloat16 or float32 [T, D] CPU tensor");
-  if (x.scalar_type() == at::kBFloat16) body(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()));
+  if (x.scalar_type() == at::kBFloat16) body(reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>()));
   else body(x.data_ptr<float>());
 }
 
@@ -317,7 +296,7 @@ at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w) {
           __m512 a0[EC], a1[EC];
           for (int j = 0; j < EC; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
           for (int64_t d = 0; d < D; d += 16) {
-            const __mmask16 m = tail(D - d);
+            const __mmask16 m = first_lanes(D - d);
             const __m512 v0 = load16(xp + t * D + d, m);
             const __m512 v1 = two ? load16(xp + (t + 1) * D + d, m) : _mm512_setzero_ps();
             for (int j = 0; j < EC; ++j) {
@@ -359,7 +338,7 @@ std::vector<at::Tensor> router_linear_backward(const at::Tensor& x, const at::Te
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * BLOCK, r1 = std::min(T, r0 + BLOCK);
         for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = tail(D - d);
+          const __mmask16 m = first_lanes(D - d);
           std::fill(g.begin(), g.end(), 0.0f);
           for (int64_t c = 0; c < E8; c += EC) {
             __m512 wv[EC], acc[EC];

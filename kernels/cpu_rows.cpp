@@ -11,7 +11,6 @@
 // Shape legend: T tokens, K copies per token, E experts, N rows of the plan, D features.
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <cstring>
@@ -19,33 +18,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_simd.h"
+
 namespace {
-
-using bf16 = uint16_t;
-
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-}
-
-// 16 values (the first lanes of m) as float32, from bfloat16 or float32 ...
-// (Masked only where m is partial: a masked store costs several times a plain one on AMD.)
-inline __m512 load16(const float* p, __mmask16 m) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-inline __m512 load16(const bf16* p, __mmask16 m) {
-  const __m256i h = m == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-// ... and back, rounded to nearest even for bfloat16 (as .to() rounds).
-inline void store16(float* p, __m512 v, __mmask16 m) {
-  if (m == 0xFFFF) _mm512_storeu_ps(p, v);
-  else _mm512_mask_storeu_ps(p, m, v);
-}
-inline void store16(bf16* p, __m512 v, __mmask16 m) {
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  if (m == 0xFFFF) _mm256_storeu_si256((__m256i*)p, h);
-  else _mm256_mask_storeu_epi16(p, m, h);
-}
 
 template <typename T>
 T* rows_of(const at::Tensor& t) {
@@ -113,7 +88,7 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index,
         }
         const __m512 g = _mm512_set1_ps(s ? s[n] : 1.0f);
         for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = lanes(D - d);
+          const __mmask16 m = first_lanes(D - d);
           store16(o + d, _mm512_mul_ps(load16(r + d, m), g), m);
         }
       }
@@ -141,7 +116,7 @@ at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& pos,
     at::parallel_for(0, T, GRAIN, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = lanes(D - d);
+          const __mmask16 m = first_lanes(D - d);
           __m512 acc = _mm512_setzero_ps();
           for (int64_t k = 0; k < K; ++k) {
             const int64_t row = p[t * K + k];
@@ -180,7 +155,7 @@ at::Tensor copy_dot_rows(const at::Tensor& y, const at::Tensor& pos, const at::T
           TORCH_CHECK(row < N, "copy_dot_rows: position ", row, " past the ", N, " rows");
           __m512 acc = _mm512_setzero_ps();
           for (int64_t d = 0; row >= 0 && d < D; d += 16) {
-            const __mmask16 m = lanes(D - d);
+            const __mmask16 m = first_lanes(D - d);
             acc = _mm512_fmadd_ps(load16(src + row * D + d, m), load16(grad + t * D + d, m), acc);
           }
           o[t * K + k] = _mm512_reduce_add_ps(acc);
