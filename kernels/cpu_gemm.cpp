@@ -12,7 +12,8 @@
 // multiplies a broadcast pair of A with 16 pairs of B) or one float32 (`vfmadd`). A is read
 // where it lies (any row and word stride); B comes as a packed panel [k-words][32 columns].
 // Each GEMM below picks which operand plays A so that the large one (the weight, or the
-// weight gradient's output) needs no packing.
+// weight gradient's output) needs no packing; the forward packs the weight instead where the
+// experts average many rows, which then outnumber it (gmm_x_wt).
 //
 // Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
@@ -168,7 +169,6 @@ void transpose16(__m512* r) {
   }
   for (int j = 0; j < 16; ++j) r[j] = t[j];
 }
-
 
 // The tile transposed: element (r, j) to c[j * ldc + r], sixteen columns at a time through
 // registers. Still the forward's largest overhead: 4-32% of its time at I=256-512.
