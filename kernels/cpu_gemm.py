@@ -2,11 +2,13 @@
 
 Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
-The kernels are in ``cpu_gemm.cpp`` (why they exist is at its top). PyTorch's extension
-builder compiles them the first time they are needed (about 30 s on 2 cores, with the
-system's C++ compiler and ninja) and caches the result under ``~/.cache/torch_extensions``
-(``TORCH_EXTENSIONS_DIR`` moves it). Where they cannot be built or the CPU lacks the
-instructions, ``auto`` keeps per-expert matmuls (the ``loop`` backend).
+The kernels are in ``cpu_gemm.cpp`` (why they exist is at its top), built into one module
+with the dispatch rows (``cpu_rows``) and the router's (``cpu_router``). PyTorch's extension
+builder compiles it the first time it is needed (about 40 s on 2 cores, with the system's
+C++ compiler and ninja) and caches the result under ``~/.cache/torch_extensions``
+(``TORCH_EXTENSIONS_DIR`` moves it). Where it cannot be built or the CPU lacks the
+instructions, ``auto`` keeps per-expert matmuls (the ``loop`` backend) and PyTorch's
+dispatch and router operations.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def cpu_has_avx512_bf16() -> bool:
 
 @functools.cache
 def module():
-    """The compiled kernels of both sources, built here the first time."""
+    """The compiled module of every source in SOURCES, built here the first time."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # a virtual environment used without activating it
