@@ -261,12 +261,6 @@ std::vector<int64_t> group_bounds(const at::Tensor& offsets) {
   return b;
 }
 
-template <typename T>
-T* data(const at::Tensor& t) {
-  if constexpr (std::is_same_v<T, bf16>) return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  else return t.data_ptr<float>();
-}
-
 bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
 void check(const at::Tensor& t, const char* name) {

@@ -122,6 +122,32 @@ void check_logits(const at::Tensor& logits) {
               "logits must be a contiguous float32 [T, E] CPU tensor");
 }
 
+template <typename Body>
+void with_row_type(const at::Tensor& x, Body body) {
+  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
+                  x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous bfloat16 or float32 [T, D] CPU tensor");
+  if (x.scalar_type() == at::kBFloat16) body((const bf16*)data<bf16>(x));
+  else body((const float*)data<float>(x));
+}
+
+void check_weight(const at::Tensor& w, const at::Tensor& x) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) &&
+                  w.size(0) <= MAX_LINEAR_EXPERTS,
+              "weight must be a contiguous float32 [E, D] with E <= ", MAX_LINEAR_EXPERTS,
+              " and x's D; got ", w.sizes(), " for x ", x.sizes());
+}
+
+constexpr int EC = 8;  // experts per register block: 8 accumulators for each of 2 rows
+
+// w [E, D] with zero rows up to a multiple of EC, so register blocks need no bounds.
+std::vector<float> padded_weight(const at::Tensor& w) {
+  const int64_t E = w.size(0), D = w.size(1), E8 = (E + EC - 1) / EC * EC;
+  std::vector<float> out(E8 * D, 0.0f);
+  std::copy(w.data_ptr<float>(), w.data_ptr<float>() + E * D, out.begin());
+  return out;
+}
+
 }  // namespace
 
 // Returns ids_TK (int64), gates_TK, probs_sum_E (sum over tokens of the probs), lse_sq_sum
@@ -247,36 +273,6 @@ at::Tensor route_backward(const at::Tensor& logits, const at::Tensor& ids, const
   return dlogits;
 }
 
-namespace {
-
-template <typename Body>
-void with_row_type(const at::Tensor& x, Body body) {
-  TORCH_CHECK((x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
-                  x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous bfloat16 or float32 [T, D] CPU tensor");
-  if (x.scalar_type() == at::kBFloat16) body(reinterpret_cast<const bf16*>(x.data_ptr<at::BFloat16>()));
-  else body(x.data_ptr<float>());
-}
-
-void check_weight(const at::Tensor& w, const at::Tensor& x) {
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) &&
-                  w.size(0) <= MAX_LINEAR_EXPERTS,
-              "weight must be a contiguous float32 [E, D] with E <= ", MAX_LINEAR_EXPERTS,
-              " and x's D; got ", w.sizes(), " for x ", x.sizes());
-}
-
-}  // namespace
-
-constexpr int EC = 8;  // experts per register block: 8 accumulators for each of 2 rows
-
-// w [E, D] with zero rows up to a multiple of EC, so register blocks need no bounds.
-std::vector<float> padded_weight(const at::Tensor& w) {
-  const int64_t E = w.size(0), D = w.size(1), E8 = (E + EC - 1) / EC * EC;
-  std::vector<float> out(E8 * D, 0.0f);
-  std::copy(w.data_ptr<float>(), w.data_ptr<float>() + E * D, out.begin());
-  return out;
-}
-
 // logits = x @ w^T in float32 (x bfloat16 or float32, w float32 [E, D] with E <= 32): two
 // rows against EC experts at a time, each weight vector loaded once for both. A library GEMM
 // with 8 output columns ran at a tenth of its peak (50 us for 2048 rows of 128) and needed x
@@ -371,7 +367,8 @@ std::vector<at::Tensor> router_linear_backward(const at::Tensor& x, const at::Te
 }
 
 void add_router_ops(pybind11::module_& m) {
-  m.def("router_logits", &router_logits, "x @ w^T in float32, for E <= 32");
+  m.attr("router_linear_experts") = MAX_LINEAR_EXPERTS;  // router_logits' limit
+  m.def("router_logits", &router_logits, "x @ w^T in float32, for E <= router_linear_experts");
   m.def("router_linear_backward", &router_linear_backward, "dx and dw of router_logits");
   m.def("route_forward", &route_forward, "scores, top-k, gates and the router's sums");
   m.def("route_backward", &route_backward, "d logits of route_forward's outputs");

@@ -19,8 +19,6 @@ from torch import Tensor
 
 from . import cpu_gemm
 
-LINEAR_EXPERTS = 32  # up to this many experts our kernel computes the logits too
-
 
 def usable(x_TD: Tensor) -> bool:
     """Whether these router inputs (bfloat16 or float32 CPU rows) can take our kernel."""
@@ -64,7 +62,7 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weight_ED, bias_E, top_k, sigmoid, renormalize, scale):
         kernels = cpu_gemm.module()
-        if weight_ED.shape[0] <= LINEAR_EXPERTS:
+        if weight_ED.shape[0] <= kernels.router_linear_experts:  # our kernel computes them
             logits_TE = kernels.router_logits(x_TD, weight_ED)
         else:  # a library GEMM: many columns
             logits_TE = F.linear(x_TD.float(), weight_ED)
@@ -88,7 +86,7 @@ class _Route(torch.autograd.Function):
             0.0 if dlse_sq_sum is None else float(dlse_sq_sum),
             *ctx.args,
         )
-        if weight_ED.shape[0] <= LINEAR_EXPERTS:
+        if weight_ED.shape[0] <= kernels.router_linear_experts:
             dx_TD, dweight_ED = kernels.router_linear_backward(x_TD, weight_ED, dlogits_TE)
         else:
             dx_TD = (dlogits_TE @ weight_ED).to(x_TD.dtype)

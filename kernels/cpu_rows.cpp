@@ -22,12 +22,6 @@
 
 namespace {
 
-template <typename T>
-T* rows_of(const at::Tensor& t) {
-  if constexpr (std::is_same_v<T, bf16>) return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
-  else return t.data_ptr<float>();
-}
-
 // Calls body(S{}, O{}) with the element types of a source and an output tensor.
 template <typename Body>
 void with_row_types(const at::Tensor& src, at::ScalarType out, Body body) {
@@ -73,8 +67,8 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index,
   with_row_types(src, out_dtype, [&](auto st, auto ot) {
     using S = decltype(st);
     using O = decltype(ot);
-    const S* x = rows_of<S>(src);
-    O* y = rows_of<O>(out);
+    const S* x = data<S>(src);
+    O* y = data<O>(out);
     at::parallel_for(0, N, GRAIN, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
         TORCH_CHECK(idx[n] >= 0 && idx[n] < T, "gather_rows: index ", idx[n], " out of range");
@@ -111,8 +105,8 @@ at::Tensor combine_rows(const at::Tensor& y, const at::Tensor& pos,
   with_row_types(y, out_dtype, [&](auto st, auto ot) {
     using S = decltype(st);
     using O = decltype(ot);
-    const S* src = rows_of<S>(y);
-    O* dst = rows_of<O>(out);
+    const S* src = data<S>(y);
+    O* dst = data<O>(out);
     at::parallel_for(0, T, GRAIN, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         for (int64_t d = 0; d < D; d += 16) {
@@ -146,8 +140,8 @@ at::Tensor copy_dot_rows(const at::Tensor& y, const at::Tensor& pos, const at::T
   with_row_types(y, g.scalar_type(), [&](auto yt, auto gt) {
     using Y = decltype(yt);
     using G = decltype(gt);
-    const Y* src = rows_of<Y>(y);
-    const G* grad = rows_of<G>(g);
+    const Y* src = data<Y>(y);
+    const G* grad = data<G>(g);
     at::parallel_for(0, T, GRAIN, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         for (int64_t k = 0; k < K; ++k) {

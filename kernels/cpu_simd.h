@@ -1,5 +1,5 @@
-// Vector helpers shared by our CPU kernels (cpu_gemm.cpp, cpu_rows.cpp, cpu_router.cpp): 16
-// float32 lanes of AVX-512, loaded from and stored to bfloat16 or float32.
+// Helpers shared by our CPU kernels (cpu_gemm.cpp, cpu_rows.cpp, cpu_router.cpp): a tensor's
+// elements as bf16 or float, and 16 float32 lanes of AVX-512 loaded from and stored to them.
 //
 // torch's extension loader rebuilds when a source file or a flag changes, not a header:
 // cpu_gemm.py passes this file's digest as a flag.
@@ -7,10 +7,19 @@
 #pragma once
 
 #include <immintrin.h>
+#include <torch/extension.h>
 
 #include <cstdint>
+#include <type_traits>
 
 using bf16 = uint16_t;
+
+// A bfloat16 or float32 tensor's elements (the caller has checked the dtype).
+template <typename T>
+T* data(const at::Tensor& t) {
+  if constexpr (std::is_same_v<T, bf16>) return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+  else return t.data_ptr<float>();
+}
 
 // The first n lanes (none for n <= 0).
 inline __mmask16 first_lanes(int64_t n) {
