@@ -55,4 +55,9 @@ def copy_dot_rows(y_ND: Tensor, pos_TK: Tensor, g_TD: Tensor) -> Tensor:
 def plan_dropless(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, ...]:
     """``(row_token_N, row_copy_N, pos_TK, counts_E, offsets_E)`` of the dropless plan with
     sequence priority: a counting sort by expert in (k, t) order."""
-    return tuple(cpu_gemm.module().plan_dropless(ids_TK.long().contiguous(), num_experts))
+    ids_TK = ids_TK.long().contiguous()
+    plan = cpu_gemm.module().plan_dropless(ids_TK, num_experts)
+    if not plan:
+        bad = ids_TK[(ids_TK < 0) | (ids_TK >= num_experts)][0]
+        raise ValueError(f"expert id {bad} out of range for {num_experts} experts")
+    return tuple(plan)

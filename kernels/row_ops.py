@@ -22,21 +22,28 @@ import torch
 from torch import Tensor
 
 
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` in ``dtype``, and ``t`` itself when no cast is needed: torch 2.11 compiles an
+    autograd.Function whose forward returns a no-op ``.to()`` of an intermediate (an alias of
+    it) into a backward that routes the gradient to the wrong place (pytorch/pytorch#180642;
+    permute's input gradient on a GPU machine)."""
+    return t if dtype is None or dtype == t.dtype else t.to(dtype)
+
+
 def gather_rows(
     src_TD: Tensor, index_N: Tensor, scale_N: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> Tensor:
     out_ND = src_TD.index_select(0, index_N)
     if scale_N is not None:
         out_ND = out_ND * scale_N.to(out_ND.dtype).unsqueeze(1)
-    return out_ND if dtype is None else out_ND.to(dtype)
+    return _cast(out_ND, dtype)
 
 
 def combine_rows(
     y_ND: Tensor, pos_TK: Tensor, weight_TK: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> Tensor:
     T, K = pos_TK.shape
-    if dtype is not None:
-        y_ND = y_ND.to(dtype)
+    y_ND = _cast(y_ND, dtype)
     if y_ND.shape[0] == 0:  # every copy dropped (or no tokens): nothing to read
         return y_ND.new_zeros(T, y_ND.shape[1])
     kept_TK = pos_TK >= 0

@@ -118,8 +118,10 @@ def test_counting_sort_plan_equals_the_sorting_plan(T, K, E, monkeypatch):
 
 @on_cpu
 def test_bad_expert_ids_are_refused():
-    with pytest.raises(RuntimeError, match="expert id 5 out of range for 4 experts"):
+    with pytest.raises(ValueError, match="expert id 5 out of range for 4 experts"):
         cpu_rows.plan_dropless(torch.tensor([[0, 5]]), 4)
+    with pytest.raises(ValueError, match="expert id -1 out of range for 4 experts"):
+        cpu_rows.plan_dropless(torch.tensor([[2], [-1]]), 4)
 
 
 @on_cpu

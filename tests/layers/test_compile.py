@@ -86,6 +86,32 @@ def test_compiled_dropless_layer_on_grouped_mm_matches_eager(top_k):
     assert_same(eager, loss_and_grads(compiled, x), atol=2e-2)
 
 
+class Autocast(torch.nn.Module):
+    """The layer under bfloat16 autocast, as the trainer runs it (moe/train/loss.py)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.layer(x)
+
+
+@pytest.mark.parametrize("capacity_factor,priority", ROUTINGS[:2])
+def test_compiled_layer_under_autocast_matches_eager(capacity_factor, priority):
+    """Under autocast permute gathers float32 tokens into bfloat16 rows and hands back a
+    float32 gradient; compiled, the same (to bfloat16 rounding: eager's CPU kernels and the
+    compiled PyTorch ops round in different places)."""
+    layer, x = layer_and_input(capacity_factor, priority, top_k=2)
+    model = Autocast(layer)
+    torch._dynamo.reset()
+    eager = loss_and_grads(model, x)
+    assert eager[0].dtype == torch.bfloat16 and eager[2].dtype == torch.float32
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_same(eager, loss_and_grads(compiled, x), atol=2e-2)
+
+
 def test_block_is_one_graph_equal_to_eager():
     torch.manual_seed(0)
     cfg = small_model_config(moe={"num_experts": 4, "top_k": 2, "d_ff": 16, "capacity_factor": 1.0})
