@@ -281,8 +281,8 @@ at::Tensor scratch(int64_t n, int slot) {
 }
 uint32_t* words(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
 
-at::Tensor output_rows(const at::Tensor& x, int64_t cols, int64_t covered) {
-  auto y = at::empty({x.size(0), cols}, x.options());
+at::Tensor output_rows(const at::Tensor& x, int64_t cols, int64_t covered, bool out_float32 = false) {
+  auto y = at::empty({x.size(0), cols}, out_float32 ? x.options().dtype(at::kFloat) : x.options());
   if (covered < x.size(0)) y.narrow(0, covered, x.size(0) - covered).zero_();
   return y;
 }
@@ -295,7 +295,7 @@ at::Tensor output_rows(const at::Tensor& x, int64_t cols, int64_t covered) {
 // y[g] = x[g] @ w[e]^T with w [E, O, I] (the nn.Linear layout): computed as y^T = w @ x^T,
 // so the weight is A, read in place (a float32 one under bfloat16 rows rounded a block of MR
 // rows at a time), and x^T is packed once per group.
-template <typename T, typename W>
+template <typename T, typename W, typename Out>
 void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), E = w.size(0), O = w.size(1), kwords = words_for<T>(I);
   std::vector<int64_t> first_panel(E + 1, 0);
@@ -304,7 +304,7 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
   uint32_t* xt = words(xt_buffer);
   const T* xp = data<T>(x);
   const W* wp = data<W>(w);
-  T* yp = data<T>(y);
+  Out* yp = data<Out>(y);
   // Each panel's first row and its group's end, so the packing splits by panel, not expert.
   std::vector<int64_t> panel_row(first_panel[E]), group_end(first_panel[E]);
   for (int64_t e = 0; e < E; ++e)
@@ -363,11 +363,11 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
 
 // y[g] = x[g] @ B_e with x as A, read in place, and B_e packed one panel of NC columns per
 // task by pack(e, c0, width, panel): the kernel of both weight layouts below.
-template <typename T, typename Pack>
+template <typename T, typename Out, typename Pack>
 void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack) {
   const int64_t I = x.size(1), kwords = words_for<T>(I);
   const T* xp = data<T>(x);
-  T* yp = data<T>(y);
+  Out* yp = data<Out>(y);
   const int64_t blocks = (O + NC - 1) / NC;
   at::parallel_for(0, E * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint32_t> panel(kwords * NC);
@@ -394,7 +394,7 @@ template <typename T, typename W>
 void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), O = w.size(2);
   const W* wp = data<W>(w);
-  gmm_rows_into<T>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
+  gmm_rows_into<T, T>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
     pack_rows<T>(wp + e * I * O + c0, O, I, width, panel);
   });
 }
@@ -403,11 +403,11 @@ void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<in
 // (see gmm_x_wt): the weight's rows packed transposed (a float32 one rounded to bfloat16
 // first, a task's rows at a time), so the rows are read in place and the output stored as it
 // lies, with no transposed tiles.
-template <typename T, typename W>
+template <typename T, typename W, typename Out>
 void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), O = w.size(1), kwords = words_for<T>(I);
   const W* wp = data<W>(w);
-  gmm_rows_into<T>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
+  gmm_rows_into<T, Out>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
     const W* rows = wp + (e * O + c0) * I;
     thread_local std::vector<T> rounded;
     const T* src;
@@ -494,14 +494,23 @@ void with_dtypes(const at::Tensor& x, const at::Tensor& w, Body body) {
 // F=1024): a float32 weight under bfloat16 rows, 0.87-0.97x from 128 rows per expert on,
 // 1.02-1.11x at 32-64; a bfloat16 weight, 0.91-0.95x at 512 and 1024 rows, even at 256,
 // 1.04-1.88x below. The `tiny` preset's layer (512 rows, d=128): 0.38 -> 0.34 ms.
-at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
+// out_float32: y in float32 straight from the accumulators (the router's logits).
+at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets, bool out_float32) {
   auto b = group_bounds(offsets);
-  auto y = output_rows(x, w.size(1), b.back());
+  auto y = output_rows(x, w.size(1), b.back(), out_float32);
   const int64_t rows_per_expert = x.size(0) / std::max<int64_t>(w.size(0), 1);
   const bool pack_weight = rows_per_expert >= (is_bf16(w) ? 256 : 128);
   with_dtypes(x, w, [&](auto t, auto wt) {
-    if (pack_weight) gmm_x_wt_packed_into<decltype(t), decltype(wt)>(x, w, b, y);
-    else gmm_x_wt_into<decltype(t), decltype(wt)>(x, w, b, y);
+    using T = decltype(t);
+    using W = decltype(wt);
+    auto run = [&](auto out) {
+      using Out = decltype(out);
+      if (pack_weight) gmm_x_wt_packed_into<T, W, Out>(x, w, b, y);
+      else gmm_x_wt_into<T, W, Out>(x, w, b, y);
+    };
+    if constexpr (std::is_same_v<T, float>) run(float{});
+    else if (out_float32) run(float{});
+    else run(bf16{});
   });
   return y;
 }
@@ -530,7 +539,7 @@ void add_row_ops(pybind11::module_& m);     // cpu_rows.cpp and cpu_router.cpp, 
 void add_router_ops(pybind11::module_& m);  // into the same module
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gmm_x_wt", &gmm_x_wt, "y[g] = x[g] @ w[e]^T, w [E, O, I]");
+  m.def("gmm_x_wt", &gmm_x_wt, "y[g] = x[g] @ w[e]^T, w [E, O, I], in float32 if out_float32");
   m.def("gmm_x_w", &gmm_x_w, "y[g] = x[g] @ w[e], w [E, I, O]");
   m.def("gmm_at_b", &gmm_at_b, "dw[e] = a[g]^T @ c[g], in float32 if out_float32");
   add_row_ops(m);

@@ -153,7 +153,7 @@ def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) 
     x_NI = x_NI.contiguous()
     w_EOI = w_EIO.transpose(1, 2)
     if w_EOI.is_contiguous():  # the forward of nn.Linear-layout experts
-        return module().gmm_x_wt(x_NI, w_EOI, offsets_E)
+        return module().gmm_x_wt(x_NI, w_EOI, offsets_E, False)
     return module().gmm_x_w(x_NI, w_EIO.contiguous(), offsets_E)
 
 

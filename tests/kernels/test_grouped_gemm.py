@@ -241,6 +241,26 @@ def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed, case):
     assert (dw_bf16.double() - wd.grad).abs().max() > 1e-2  # what the round trip would cost
 
 
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("case", ["large_odd", "many_rows_per_expert", "empty_experts"])
+def test_avx512_forward_stores_float32_when_asked(case):
+    """The router's logits (kernels/cpu_router.py): bfloat16 operands, float32 output straight
+    from the accumulators, on both forward kernels (weight read in place, and packed from 256
+    rows per expert): float64-close to float32 sums, and rounded, the bfloat16 output."""
+    counts, K, P = CASES[case]
+    offsets = torch.cumsum(torch.tensor(counts), 0)
+    g = generator(5)
+    x = torch.randn(sum(counts), K, generator=g).bfloat16()
+    w_EPK = torch.randn(len(counts), P, K, generator=g).bfloat16()
+    kernels = cpu_gemm.module()
+    y = kernels.gmm_x_wt(x, w_EPK, offsets, True)
+    assert y.dtype == torch.float32
+    y_ref = reference_gmm(x.double(), w_EPK.double().transpose(1, 2), offsets)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.bfloat16(), kernels.gmm_x_wt(x, w_EPK, offsets, False))
+
+
 @on_cpu
 def test_autocast_casts_operands():
     offsets = torch.tensor([3, 5], dtype=torch.int32)

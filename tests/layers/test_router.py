@@ -77,16 +77,26 @@ FUSED_SETTINGS = [
 ]
 
 
+# (rows, weight): float32; bfloat16 rows as autocast gives them (a float32 weight); a
+# bfloat16 model (both bfloat16: the logits on our bfloat16 GEMM, still float32).
+DTYPES = {
+    "f32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.float32),
+    "bf16-weight": (torch.bfloat16, torch.bfloat16),
+}
+
+
 @on_cpu
 @pytest.mark.skipif(
     not cpu_router.usable(torch.zeros(1, 1)), reason="needs our CPU kernels (AVX512-BF16)"
 )
-@pytest.mark.parametrize("rows", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtypes", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("setting", FUSED_SETTINGS, ids=lambda s: "-".join(map(str, s)))
-def test_cpu_kernel_router_matches_float64(setting, rows):
-    """The float32 router on our CPU kernel against the PyTorch path in float64 on the same
-    weights and rows (bfloat16 rows as autocast gives them: the logits still float32):
-    choices, gates, both losses, the statistics, and every gradient."""
+def test_cpu_kernel_router_matches_float64(setting, dtypes):
+    """The router on our CPU kernels against the PyTorch path in float64 on the same weights
+    and rows (the logits float32 in every pairing): choices, gates, both losses, the
+    statistics, and every gradient."""
+    rows, weight = dtypes
     score, gate_mode, gate_scale, bias, balance, E, K = setting
     cfg = MoEConfig(
         num_experts=E,
@@ -102,6 +112,7 @@ def test_cpu_kernel_router_matches_float64(setting, rows):
     if bias:
         with torch.no_grad():
             router.expert_bias_E.copy_(torch.randn(E) * 0.05)
+    router.weight_ED.data = router.weight_ED.data.to(weight)
     reference = copy.deepcopy(router).double()
     x = torch.randn(301, 24).to(rows)  # past one 256-token block of the kernel's sums
     load = torch.randint(1, 50, (E,)) if balance == "global" else None
@@ -124,15 +135,15 @@ def test_cpu_kernel_router_matches_float64(setting, rows):
         (out.aux_loss, ref.aux_loss),
         (out.z_loss, ref.z_loss),
         (out.entropy, ref.entropy),
-        (dw, ref_dw),
     ]:
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
-    assert dx.dtype == rows  # one rounding to bfloat16 at the end
-    close = (
-        {"rtol": 2**-8, "atol": 1e-5} if rows == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
-    )
-    torch.testing.assert_close(dx.double(), ref_dx, **close)
+    # Gradients in their tensor's dtype: one rounding to bfloat16 at the end.
+    for grad, ref_grad in [(dx, ref_dx), (dw, ref_dw)]:
+        tight = grad.dtype == torch.float32
+        close = {"rtol": 1e-5, "atol": 1e-6} if tight else {"rtol": 2**-8, "atol": 1e-5}
+        torch.testing.assert_close(grad.double(), ref_grad, **close)
+    assert (dx.dtype, dw.dtype) == dtypes
 
 
 @on_cpu
