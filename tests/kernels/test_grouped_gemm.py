@@ -30,6 +30,9 @@ CASES = {
     # Over 256 rows per expert on average: the forward packs the weight instead of the rows
     # (cpu_gemm.cpp, gmm_x_wt), also across NC-column and MR-row tiles.
     "many_rows_per_expert": ([500, 0, 411], 131, 150),
+    # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
+    # gmm_x_w_streamed_into: 252 rows of 520 bfloat16, 126 float32), odd at the end.
+    "long_reduction": ([40, 0, 17, 65], 601, 520),
 }
 
 
