@@ -243,6 +243,30 @@ void pack_rows(const S* src, int64_t ld, int64_t k, int64_t cols, uint32_t* dst)
   }
 }
 
+// pack_rows with the loops turned, panel p at dst + p * panel_stride: each source row is read
+// once, start to end, and every panel written a word row at a time. With panels a power of
+// two apart those writes share a few cache sets and evict each other (1.3-1.4x the time of
+// the input-gradient GEMM at 128 experts); one more line between them: 0.75-0.99x the time
+// of pack_rows' order (the least with a float32 weight).
+template <typename T, typename S>
+void pack_rows_by_row(const S* src, int64_t ld, int64_t k, int64_t cols, uint32_t* dst, int64_t panel_stride) {
+  const int64_t kwords = words_for<T>(k);
+  for (int64_t kw = 0; kw < kwords; ++kw) {
+    const S* r0 = src + KW<T> * kw * ld;
+    const bool pair = std::is_same_v<T, bf16> && 2 * kw + 1 < k;
+    for (int64_t p = 0; p * NR < cols; ++p) {
+      const int w = (int)std::min<int64_t>(NR, cols - p * NR);
+      uint32_t* d = dst + p * panel_stride + kw * NR;
+      for (int h = 0; h < 2; ++h) {
+        const __mmask16 m = first_lanes(w - 16 * h);
+        __m512i v = load_lanes<T>(r0 + p * NR + 16 * h, m);
+        if (pair) v = _mm512_or_si512(v, _mm512_slli_epi32(load_lanes<T>(r0 + ld + p * NR + 16 * h, m), 16));
+        _mm512_storeu_si512(d + 16 * h, v);
+      }
+    }
+  }
+}
+
 // One panel: rows (<= NR) of src (k along the row, row stride ld) transposed by words,
 // zero-padded: dst[kw][j] = word kw of row j. Sixteen rows by sixteen words at a time
 // through registers.
@@ -434,7 +458,9 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
   const W* wp = data<W>(w);
   T* yp = data<T>(y);
   at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-    std::vector<uint32_t> packed(words_for<T>(KB) * width);
+    // Panels a line more than a power of two apart: the packing writes all of them at once.
+    const int64_t panel_stride = words_for<T>(KB) * NR + 16;
+    std::vector<uint32_t> packed(panel_stride * panels);
     std::vector<float> sums;
     __m512 acc[2 * MR] = {};  // a 16-column tile leaves its second half as it was
     for (int64_t e = e0; e < e1; ++e) {
@@ -443,7 +469,7 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
       sums.assign(rows * width, 0.0f);
       for (int64_t k0 = 0; k0 < I; k0 += KB) {
         const int64_t k = std::min(KB, I - k0), kwords = words_for<T>(k);
-        pack_rows<T>(wp + (e * I + k0) * O, O, k, O, packed.data());
+        pack_rows_by_row<T>(wp + (e * I + k0) * O, O, k, O, packed.data(), panel_stride);
         // The next block (of this expert, or the next one's first) into cache, a line per
         // k step of the multiplies below.
         const int64_t next = k0 + KB < I ? e * I + k0 + KB : e + 1 < e1 ? (e + 1) * I : E * I;
@@ -455,7 +481,7 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
           for (int64_t m0 = 0; m0 < rows; m0 += MR) {
             const int R = (int)std::min<int64_t>(MR, rows - m0);
             const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, next_bytes - fetched));
-            micro_rows<T>(R, cols, xp + (b[e] + m0) * I + k0, I, k, &packed[p * kwords * NR], acc, ahead + fetched,
+            micro_rows<T>(R, cols, xp + (b[e] + m0) * I + k0, I, k, &packed[p * panel_stride], acc, ahead + fetched,
                           span);
             fetched += span;
             for (int r = 0; r < R; ++r) {
@@ -605,8 +631,8 @@ at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 // average few rows, else a panel of columns per task (gmm_x_w_into). A/B in one process (2
 // cores, d=512, F=1024, the input gradient of both projections): a bfloat16 weight at 32 rows
 // per expert 0.72-0.97x the time, at 64 0.92-0.97x, at 128 1.02-1.09x; a float32 one (autocast's
-// master copy, rounded as it is packed) 0.65-0.77x at 32 and 64 rows, 0.85-0.90x at 128;
-// float32 rows 0.60-0.71x at 32, 0.92x at 128, 1.05x at 512.
+// master copy, rounded as it is packed) 0.68-0.85x at 32 and 64 rows, 0.85-0.90x at 128;
+// float32 rows 0.60-0.65x at 32, 0.92x at 128, 1.05-1.06x at 512.
 at::Tensor gmm_x_w(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets) {
   auto b = group_bounds(offsets);
   auto y = output_rows(x, w.size(2), b.back());
