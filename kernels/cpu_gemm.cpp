@@ -413,9 +413,12 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
 }
 
 // y[g] = x[g] @ B_e with x as A, read in place, and B_e packed one panel of NC columns per
-// task by pack(e, c0, width, panel): the kernel of both weight layouts below.
-template <typename T, typename Out, typename Pack>
-void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack) {
+// task by pack(e, c0, width, panel): the kernel of both weight layouts below. source(e, c0,
+// width) -> {bytes, size}: what that packing reads where it is contiguous (else size 0),
+// fetched into cache for a thread's next task while the multiplies of its current one run.
+template <typename T, typename Out, typename Pack, typename Source>
+void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack,
+                   Source source) {
   const int64_t I = x.size(1), kwords = words_for<T>(I);
   const T* xp = data<T>(x);
   Out* yp = data<Out>(y);
@@ -428,11 +431,16 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
       const int64_t c0 = t % blocks * NC, width = std::min<int64_t>(NC, O - c0);
       if (rows == 0) continue;
       pack(e, c0, width, panel.data());
+      std::pair<const char*, int64_t> ahead{nullptr, 0};
+      if (t + 1 < t1) ahead = source((t + 1) / blocks, (t + 1) % blocks * NC, std::min<int64_t>(NC, O - (t + 1) % blocks * NC));
+      int64_t fetched = 0;
       for (int64_t m0 = 0; m0 < rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, rows - m0);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
-          micro_rows<T>(R, cols, xp + (b[e] + m0) * I, I, I, &panel[p * kwords * NR], acc);
+          const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, ahead.second - fetched));
+          micro_rows<T>(R, cols, xp + (b[e] + m0) * I, I, I, &panel[p * kwords * NR], acc, ahead.first + fetched, span);
+          fetched += span;
           store_tile(acc, R, cols, yp + (b[e] + m0) * O + c0 + p * NR, O);
         }
       }
@@ -506,9 +514,10 @@ template <typename T, typename W>
 void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), O = w.size(2);
   const W* wp = data<W>(w);
-  gmm_rows_into<T, T>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
-    pack_rows<T>(wp + e * I * O + c0, O, I, width, panel);
-  });
+  gmm_rows_into<T, T>(
+      x, w.size(0), O, b, y,
+      [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) { pack_rows<T>(wp + e * I * O + c0, O, I, width, panel); },
+      [](int64_t, int64_t, int64_t) { return std::pair<const char*, int64_t>{nullptr, 0}; });  // strided
 }
 
 // y[g] = x[g] @ w[e]^T with w [E, O, I] (the nn.Linear layout) for experts with many rows
@@ -532,6 +541,8 @@ void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::v
     }
     for (int64_t p = 0; p * NR < width; ++p)
       pack_transposed<T>(src + p * NR * I, I, std::min<int64_t>(NR, width - p * NR), I, panel + p * kwords * NR);
+  }, [&](int64_t e, int64_t c0, int64_t width) {  // the task's weight rows: contiguous
+    return std::pair<const char*, int64_t>{(const char*)(wp + (e * O + c0) * I), width * I * (int64_t)sizeof(W)};
   });
 }
 
@@ -601,17 +612,18 @@ void with_dtypes(const at::Tensor& x, const at::Tensor& w, Body body) {
 }  // namespace
 
 // The weight is read in place (gmm_x_wt_into) unless the experts average many rows: then
-// packing each weight panel once for all of its expert's rows costs less than packing the
-// rows and storing transposed tiles. A/B of the two in one process (forward, 2 cores, d=512,
-// F=1024): a float32 weight under bfloat16 rows, 0.87-0.97x from 128 rows per expert on,
-// 1.02-1.11x at 32-64; a bfloat16 weight, 0.91-0.95x at 512 and 1024 rows, even at 256,
-// 1.04-1.88x below. The `tiny` preset's layer (512 rows, d=128): 0.38 -> 0.34 ms.
+// packing each weight panel once for all of its expert's rows (gmm_x_wt_packed_into, the
+// next task's rows fetched ahead) costs less than packing the rows and storing transposed
+// tiles. A/B of the two in one process (forward, 2 cores, d=512, F=1024): from 128 rows per
+// expert on 0.86-0.97x the time (bfloat16 or float32 weight, bfloat16 or float32 rows; the
+// `small` preset's 128 rows at d=256 0.80-0.90x); at 64 level; at 32 1.00-1.16x. Without
+// the fetching ahead, packing took twice the time at 32-64 rows and lost below 256.
 // out_float32: y in float32 straight from the accumulators (the router's logits).
 at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets, bool out_float32) {
   auto b = group_bounds(offsets);
   auto y = output_rows(x, w.size(1), b.back(), out_float32);
   const int64_t rows_per_expert = x.size(0) / std::max<int64_t>(w.size(0), 1);
-  const bool pack_weight = rows_per_expert >= (is_bf16(w) ? 256 : 128);
+  const bool pack_weight = rows_per_expert >= 128;
   with_dtypes(x, w, [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);

@@ -28,7 +28,8 @@ CASES = {
     # Past every tile and block size of the avx512 kernels, odd in every dim.
     "large_odd": ([201, 3, 0, 77, 33], 131, 301),
     # Over 256 rows per expert on average: the forward packs the weight instead of the rows
-    # (cpu_gemm.cpp, gmm_x_wt), also across NC-column and MR-row tiles.
+    # (cpu_gemm.cpp, gmm_x_wt: from 128) and the input gradient a panel of its columns at a
+    # time (gmm_x_w: from 128 or 256), also across NC-column and MR-row tiles.
     "many_rows_per_expert": ([500, 0, 411], 131, 150),
     # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
     # gmm_x_w_streamed_into: 252 rows of 520 bfloat16, 126 float32), odd at the end.
@@ -249,7 +250,7 @@ def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed, case):
 @pytest.mark.parametrize("case", ["large_odd", "many_rows_per_expert", "empty_experts"])
 def test_avx512_forward_stores_float32_when_asked(case):
     """The router's logits (kernels/cpu_router.py): bfloat16 operands, float32 output straight
-    from the accumulators, on both forward kernels (weight read in place, and packed from 256
+    from the accumulators, on both forward kernels (weight read in place, and packed from 128
     rows per expert): float64-close to float32 sums, and rounded, the bfloat16 output."""
     counts, K, P = CASES[case]
     offsets = torch.cumsum(torch.tensor(counts), 0)
