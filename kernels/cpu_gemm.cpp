@@ -221,13 +221,15 @@ void round_to_bf16(const float* src, int64_t n, bf16* dst) {
 
 // src (k rows x cols, row stride ld; S = bfloat16 or float32) into panels of NR columns of
 // T words, zero-padded: dst[p][kw][j] = src[kw][p*NR + j] for float32, and the pair
-// (src[2kw][p*NR + j], src[2kw + 1][p*NR + j]) for bfloat16.
+// (src[2kw][p*NR + j], src[2kw + 1][p*NR + j]) for bfloat16. Panels panel_stride words apart
+// (default: kwords * NR, back to back).
 template <typename T, typename S>
-void pack_rows(const S* src, int64_t ld, int64_t k, int64_t cols, uint32_t* dst) {
+void pack_rows(const S* src, int64_t ld, int64_t k, int64_t cols, uint32_t* dst, int64_t panel_stride = -1) {
   const int64_t kwords = words_for<T>(k);
+  if (panel_stride < 0) panel_stride = kwords * NR;
   for (int64_t p = 0; p * NR < cols; ++p) {
     const int w = (int)std::min<int64_t>(NR, cols - p * NR);
-    uint32_t* d = dst + p * kwords * NR;
+    uint32_t* d = dst + p * panel_stride;
     for (int64_t kw = 0; kw < kwords; ++kw) {
       const S* r0 = src + KW<T> * kw * ld + p * NR;
       for (int h = 0; h < 2; ++h) {
@@ -423,19 +425,24 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
   const T* xp = data<T>(x);
   Out* yp = data<Out>(y);
   const int64_t blocks = (O + NC - 1) / NC;
-  at::parallel_for(0, E * blocks, 1, [&](int64_t t0, int64_t t1) {
+  // Fewer (expert, column block) tasks than two per thread (the router's logits: one group,
+  // one block): each also split by rows, each part packing its block again.
+  const int64_t splits = std::max<int64_t>(1, 2 * at::get_num_threads() / std::max<int64_t>(1, E * blocks));
+  at::parallel_for(0, E * blocks * splits, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint32_t> panel(kwords * NC);
     __m512 acc[2 * MR];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t e = t / blocks, rows = b[e + 1] - b[e];
-      const int64_t c0 = t % blocks * NC, width = std::min<int64_t>(NC, O - c0);
+      const int64_t task = t / splits, part = t % splits, e = task / blocks, all_rows = b[e + 1] - b[e];
+      const int64_t c0 = task % blocks * NC, width = std::min<int64_t>(NC, O - c0);
+      const int64_t r_begin = all_rows * part / splits, rows = all_rows * (part + 1) / splits - r_begin;
       if (rows == 0) continue;
       pack(e, c0, width, panel.data());
       std::pair<const char*, int64_t> ahead{nullptr, 0};
-      if (t + 1 < t1) ahead = source((t + 1) / blocks, (t + 1) % blocks * NC, std::min<int64_t>(NC, O - (t + 1) % blocks * NC));
+      const int64_t next = (t + 1) / splits;
+      if (t + 1 < t1 && next != task) ahead = source(next / blocks, next % blocks * NC, std::min<int64_t>(NC, O - next % blocks * NC));
       int64_t fetched = 0;
-      for (int64_t m0 = 0; m0 < rows; m0 += MR) {
-        const int R = (int)std::min<int64_t>(MR, rows - m0);
+      for (int64_t m0 = r_begin; m0 < r_begin + rows; m0 += MR) {
+        const int R = (int)std::min<int64_t>(MR, r_begin + rows - m0);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
           const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, ahead.second - fetched));
@@ -558,11 +565,19 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
   auto a_buffer = scratch(first_word[E] * p_panels * NR, 0), c_buffer = scratch(first_word[E] * q_panels * NR, 1);
   uint32_t *apack = words(a_buffer), *cpack = words(c_buffer);
   const T *ap = data<T>(a), *cp = data<T>(c);
-  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t rows = b[e + 1] - b[e];
-      pack_rows<T>(ap + b[e] * P, P, rows, P, &apack[first_word[e] * p_panels * NR]);
-      pack_rows<T>(cp + b[e] * Q, Q, rows, Q, &cpack[first_word[e] * q_panels * NR]);
+  // Packing tasks: (expert, its next CHUNK words), so that one large group (the router's
+  // weight gradient) packs on every thread too.
+  constexpr int64_t CHUNK = 256;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t w0 = 0; w0 < first_word[e + 1] - first_word[e]; w0 += CHUNK) chunks.emplace_back(e, w0);
+  at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [e, w0] = chunks[i];
+      const int64_t kwords = first_word[e + 1] - first_word[e], r0 = b[e] + KW<T> * w0;
+      const int64_t rows = std::min<int64_t>(KW<T> * CHUNK, b[e + 1] - r0);
+      pack_rows<T>(ap + r0 * P, P, rows, P, &apack[(first_word[e] * p_panels + w0) * NR], kwords * NR);
+      pack_rows<T>(cp + r0 * Q, Q, rows, Q, &cpack[(first_word[e] * q_panels + w0) * NR], kwords * NR);
     }
   });
   // Tasks: (expert, panel of NR rows of a^T). The a panel stays in cache while every

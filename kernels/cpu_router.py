@@ -13,8 +13,8 @@ with float32 sums and a float32 output (bfloat16 products are exact in float32, 
 order of the sums differs from the float32 path); backward, the logits' gradient goes in as
 two bfloat16 parts (see ``_bf16_linear_backward``). A float32 weight (autocast's master copy,
 or float32 rows): our float32 kernel up to 32 experts, a library GEMM above. The whole
-router, forward and backward, T=4096, d=512, bfloat16 (2-core EPYC, A/B): 3.1 -> 1.8 ms at 32
-experts, 9.4 -> 5.3 ms at 128 (the library's float32 GEMMs were 7.8 ms of it).
+router, forward and backward, T=4096, d=512, bfloat16 (2-core EPYC): 3.1 -> 1.6 ms at 32
+experts, 9.4 -> 4.3 ms at 128 (the library's float32 GEMMs were 7.8 ms of it).
 """
 
 from __future__ import annotations

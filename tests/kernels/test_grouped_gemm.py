@@ -29,8 +29,9 @@ CASES = {
     "large_odd": ([201, 3, 0, 77, 33], 131, 301),
     # Over 256 rows per expert on average: the forward packs the weight instead of the rows
     # (cpu_gemm.cpp, gmm_x_wt: from 128) and the input gradient a panel of its columns at a
-    # time (gmm_x_w: from 128 or 256), also across NC-column and MR-row tiles.
-    "many_rows_per_expert": ([500, 0, 411], 131, 150),
+    # time (gmm_x_w: from 128 or 256), also across NC-column and MR-row tiles; the weight
+    # gradient packs a group over 512 rows in parts (gmm_at_b).
+    "many_rows_per_expert": ([701, 0, 411], 131, 150),
     # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
     # gmm_x_w_streamed_into: 252 rows of 520 bfloat16, 126 float32), odd at the end.
     "long_reduction": ([40, 0, 17, 65], 601, 520),
