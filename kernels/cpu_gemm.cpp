@@ -11,9 +11,11 @@
 // accumulators. A word is 32 bits: a pair of bfloat16 values along k (one `vdpbf16ps`
 // multiplies a broadcast pair of A with 16 pairs of B) or one float32 (`vfmadd`). A is read
 // where it lies (any row and word stride); B comes as a packed panel [k-words][32 columns].
-// Each GEMM below picks which operand plays A so that the large one (the weight, or the
-// weight gradient's output) needs no packing; the forward packs the weight instead where the
-// experts average many rows, which then outnumber it (gmm_x_wt).
+// The forward reads the weight in place as A where the experts average few rows and packs it
+// where they have many (gmm_x_wt); the input gradient packs the weight, a contiguous block of
+// rows at a time where the experts have few rows, fetched ahead while the last block's
+// multiplies run (gmm_x_w); the weight gradient packs both inputs and writes its
+// weight-sized output once (gmm_at_b).
 //
 // Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
@@ -55,51 +57,39 @@ inline uint32_t load_word(const void* p) {
 // packed panel holds zeros there). NV = 1 computes the first 16 columns only (acc[2r]): for
 // a panel's last columns where 16 or fewer are wanted (experts with 33-48 rows would waste a
 // third of their forward's multiplies otherwise: 0.88-0.91x the time at 128 experts).
-// One k step of a micro-kernel: c[r] += A's word a_word(r) times B's word row bk, row by row.
-template <typename T, int R, int NV, typename AWord>
-inline void step(__m512 (&c)[R][NV], const uint32_t* bk, AWord a_word) {
-  __m512i bv[NV];
-  for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(bk + 16 * v);
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r) {
-    if constexpr (std::is_same_v<T, bf16>) {
-      __m512bh av = (__m512bh)_mm512_set1_epi32(a_word(r));
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], av, (__m512bh)bv[v]);
-    } else {
-      __m512 av = _mm512_set1_ps(a_word(r));
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(av, _mm512_castsi512_ps(bv[v]), c[r][v]);
-    }
-  }
-}
-
-template <int R, int NV>
-void zero(__m512 (&c)[R][NV]) {
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
-}
-
-template <int R, int NV>
-void to_acc(const __m512 (&c)[R][NV], __m512* acc) {
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[2 * r + v] = c[r][v];
-}
-
 template <typename T, int R, int NV>
 void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd,
            const uint32_t* b, __m512* acc, const char* pf, int64_t pf_lines) {
   __m512 c[R][NV];
-  zero(c);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  // One k step: B's word row bk times A's words a_word(r), row by row.
+  auto step = [&](const uint32_t* bk, auto a_word) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(bk + 16 * v);
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      if constexpr (std::is_same_v<T, bf16>) {
+        __m512bh av = (__m512bh)_mm512_set1_epi32(a_word(r));
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], av, (__m512bh)bv[v]);
+      } else {
+        __m512 av = _mm512_set1_ps(a_word(r));
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(av, _mm512_castsi512_ps(bv[v]), c[r][v]);
+      }
+    }
+  };
   for (int64_t kw = 0; kw < kwords; ++kw) {
     const T* ak = a + kw * a_ks;
     if (kw < pf_lines) _mm_prefetch(pf + 64 * kw, _MM_HINT_T0);
-    if constexpr (std::is_same_v<T, bf16>) step<T>(c, b + kw * NR, [&](int r) { return load_word(ak + r * a_rs); });
-    else step<T>(c, b + kw * NR, [&](int r) { return ak[r * a_rs]; });
+    if constexpr (std::is_same_v<T, bf16>) step(b + kw * NR, [&](int r) { return load_word(ak + r * a_rs); });
+    else step(b + kw * NR, [&](int r) { return ak[r * a_rs]; });
   }
   if constexpr (std::is_same_v<T, bf16>) {
     const bf16* ak = a + kwords * a_ks;
-    if (k_odd) step<T>(c, b + kwords * NR, [&](int r) { return (uint32_t)ak[r * a_rs]; });
+    if (k_odd) step(b + kwords * NR, [&](int r) { return (uint32_t)ak[r * a_rs]; });
   }
-  to_acc(c, acc);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[2 * r + v] = c[r][v];
 }
 
 template <typename T>
