@@ -72,8 +72,8 @@ FUSED_SETTINGS = [
     ("softmax", "renormalize", 2.5, False, "micro", 5, 1),
     ("sigmoid", "switch", 1.0, True, "global", 8, 2),
     ("sigmoid", "renormalize", 1.0, True, "micro", 7, 4),
-    ("softmax", "switch", 0.5, True, "global", 64, 3),  # logits by a library GEMM (E > 32)
-    ("sigmoid", "switch", 1.0, False, "micro", 32, 2),  # the most experts of our logits
+    ("softmax", "switch", 0.5, True, "global", 64, 3),  # float32 logits: a library GEMM
+    ("sigmoid", "switch", 1.0, False, "micro", 32, 2),  # the most of our float32 logits kernel
 ]
 
 
