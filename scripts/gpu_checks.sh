@@ -6,6 +6,7 @@
 #   layer_compiled the same in bfloat16, ours and dense compiled (the peer eager, as its users run it)
 #   layer_graphs   the same compiled with CUDA graphs (mode="reduce-overhead")
 #   gemms          the experts alone vs dense in bfloat16: the ceiling of the layer's %dense
+#   kernels        each grouped GEMM alone: grouped_mm, our Triton kernels, dense mm
 #   profile        torch.profiler tables of the compiled layer (E=32, k=1) and its dense twin
 #   train_eager    bench_train.py on gpu_1b in bfloat16, eager
 #   train_compiled the same with every block compiled (train.compile's default on CUDA)
@@ -59,6 +60,8 @@ for step in $steps; do
     layer_graphs)
         run layer_graphs 150 $py scripts/bench_moe_layer.py "${shape[@]}" --dtypes bfloat16 \
             --peers "" --compile reduce-overhead --json "$out/layer_graphs.json" ;;
+    kernels)
+        run kernels 150 $py scripts/bench_gemm_kernels.py --json "$out/kernels.json" ;;
     gemms)
         run gemms 90 $py scripts/bench_expert_gemms.py "${shape[@]:0:6}" --dtypes bfloat16 \
             --json "$out/gemms.json" ;;

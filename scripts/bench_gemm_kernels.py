@@ -1,0 +1,164 @@
+"""Each grouped GEMM of the MoE layer, alone, on a GPU: PyTorch's ``grouped_mm``, our Triton
+kernels (plain loads, and TMA-fed at several tile shapes) and the dense ``mm`` of the same
+total shape, which is the rate to reach.
+
+The layer runs six grouped GEMMs a step (SwiGLU experts, T*k rows in expert order):
+``in`` [N, D] x [D, 2F] and ``out`` [N, F] x [F, D] forward, their input gradients ``in_dx``
+[N, 2F] x [2F, D] and ``out_dx`` [N, D] x [D, F], and their weight gradients ``in_dw``
+(``dy^T x`` per group, [2F, D] each) and ``out_dw``. Weights are stored as the layer
+stores them ([E, O, I], ``nn.Linear``'s layout), so the forward reads them K-major and the
+input gradient N-major. Group sizes come from a random top-k router. Each implementation is
+checked against ``grouped_mm`` before it is timed (largest difference relative to the
+largest value). Times are medians of CUDA-event timings.
+
+    python scripts/bench_gemm_kernels.py --json gemms.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from moe.kernels import count_per_expert
+from moe.kernels import triton_gemm as tg
+
+SHAPES = {  # name: (tokens, d_model, expert d_ff, experts, top-k)
+    "layer_E8_k1": (16384, 1024, 2048, 8, 1),
+    "layer_E8_k2": (16384, 1024, 2048, 8, 2),
+    "layer_E32_k1": (16384, 1024, 2048, 32, 1),
+    "layer_E32_k2": (16384, 1024, 2048, 32, 2),
+    "layer_E128_k1": (16384, 1024, 2048, 128, 1),
+    "layer_E128_k2": (16384, 1024, 2048, 128, 2),
+    "gpu_1b": (16384, 1024, 512, 64, 2),
+}
+GMM_CONFIGS = {  # BM x BN x BI, warps, stages
+    "128x128x64_w8_s3": dict(BM=128, BN=128, BI=64, num_warps=8, num_stages=3),
+    "128x256x64_w8_s3": dict(BM=128, BN=256, BI=64, num_warps=8, num_stages=3),
+    "128x256x64_w8_s4": dict(BM=128, BN=256, BI=64, num_warps=8, num_stages=4),
+    "128x128x64_w4_s4": dict(BM=128, BN=128, BI=64, num_warps=4, num_stages=4),
+    "128x128x128_w8_s3": dict(BM=128, BN=128, BI=128, num_warps=8, num_stages=3),
+    "64x256x64_w4_s4": dict(BM=64, BN=256, BI=64, num_warps=4, num_stages=4),
+}
+WGRAD_CONFIGS = {  # rows per step x BN x BI (the output tile is BI x BN)
+    "64x256x128_w8_s3": dict(BM=64, BN=256, BI=128, num_warps=8, num_stages=3),
+    "64x256x128_w8_s4": dict(BM=64, BN=256, BI=128, num_warps=8, num_stages=4),
+    "64x128x128_w8_s4": dict(BM=64, BN=128, BI=128, num_warps=8, num_stages=4),
+    "128x128x128_w8_s3": dict(BM=128, BN=128, BI=128, num_warps=8, num_stages=3),
+    "32x256x128_w8_s4": dict(BM=32, BN=256, BI=128, num_warps=8, num_stages=4),
+}
+
+
+def group_ends(T: int, E: int, k: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids_TK = torch.randn(T, E, generator=g).topk(k, dim=-1).indices
+    return torch.cumsum(count_per_expert(ids_TK, E), 0).to(device, torch.int32)
+
+
+def cuda_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
+
+
+def roles(T: int, D: int, F_: int, E: int, k: int, device: str):
+    """(name, flops, dense call, grouped_mm call, {impl: call}) for each of the six GEMMs."""
+    N, H = T * k, 2 * F_
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    offsets = group_ends(T, E, k, device)
+    w_in = torch.randn(E, H, D, **bf16) / D**0.5  # stored [E, O, I]
+    w_out = torch.randn(E, D, F_, **bf16) / F_**0.5
+    for name, rows_in, w_EIO in (
+        ("in", D, w_in.transpose(1, 2)),
+        ("out", F_, w_out.transpose(1, 2)),
+        ("in_dx", H, w_in),
+        ("out_dx", D, w_out),
+    ):
+        x = torch.randn(N, rows_in, **bf16)
+        dense_w = w_EIO[0].contiguous() if name.endswith("dx") else w_EIO[0]
+        impls = {"triton_pointer": lambda x=x, w=w_EIO: tg.gmm_pointer(x, w, offsets)}
+        for cfg_name, cfg in GMM_CONFIGS.items():
+            impls[f"triton_tma_{cfg_name}"] = lambda x=x, w=w_EIO, c=cfg: tg.gmm_tma(x, w, offsets, c)
+        yield (
+            name,
+            2 * N * rows_in * w_EIO.shape[2],
+            lambda x=x, w=dense_w: x @ w,
+            lambda x=x, w=w_EIO: F.grouped_mm(x, w, offs=offsets),
+            impls,
+        )
+    for name, I, O in (("in_dw", H, D), ("out_dw", D, F_)):
+        x, dy = torch.randn(N, I, **bf16), torch.randn(N, O, **bf16)
+        impls = {"triton_pointer": lambda x=x, dy=dy: tg.gmm_wgrad_pointer(x, dy, offsets)}
+        for cfg_name, cfg in WGRAD_CONFIGS.items():
+            impls[f"triton_tma_{cfg_name}"] = lambda x=x, dy=dy, c=cfg: tg.gmm_wgrad_tma(
+                x, dy, offsets, c
+            )
+        yield (
+            name,
+            2 * N * I * O,
+            lambda x=x, dy=dy: x.t() @ dy,
+            lambda x=x, dy=dy: F.grouped_mm(x.t(), dy, offs=offsets),
+            impls,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gemm_kernels.py times GPU kernels; no CUDA device here")
+    rows = []
+    for shape in args.shapes.split(","):
+        T, D, F_, E, k = SHAPES[shape]
+        for name, flops, dense, grouped, impls in roles(T, D, F_, E, k, "cuda"):
+            expected = grouped()
+            dense_ms = cuda_ms(dense, args.warmup, args.reps)
+            row = {"shape": shape, "gemm": name, "TFLOP/s dense": flops / dense_ms / 1e9}
+            row["dense ms"] = dense_ms
+            row["grouped_mm ms"] = cuda_ms(grouped, args.warmup, args.reps)
+            for impl, call in impls.items():
+                try:
+                    out = call()
+                    if out is None:
+                        raise ValueError("the operands do not qualify for this kernel")
+                    row[f"{impl} diff"] = rel_diff(out, expected)
+                    row[f"{impl} ms"] = cuda_ms(call, args.warmup, args.reps)
+                except Exception as err:  # a tile shape the GPU cannot run: say so, go on
+                    row[f"{impl} error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                    print(f"  {impl}: {row[f'{impl} error']}", flush=True)
+            timed = {k[:-3]: v for k, v in row.items() if k.endswith(" ms") and k != "dense ms"}
+            best = min(timed, key=timed.get)
+            print(
+                f"{shape:14s} {name:7s} dense {dense_ms:.3f} ms ({row['TFLOP/s dense']:.0f} TF/s)"
+                f"  grouped_mm {row['grouped_mm ms']:.3f} ({dense_ms / row['grouped_mm ms']:.0%})"
+                f"  pointer {timed.get('triton_pointer', float('nan')):.3f}"
+                f"  best {best} {timed[best]:.3f} ({dense_ms / timed[best]:.0%})",
+                flush=True,
+            )
+            rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
