@@ -6,7 +6,11 @@ Shape legend: N rows (token copies in expert order), E experts, I inner dim, O o
   multiply ``w[e]``. ``w`` may be a transposed view; strides are passed through, so the
   input gradient ``dy @ w[e].T`` needs no copy.
 - ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``x[g].T @ dy[g]`` per group, zero for
-  empty groups.
+  empty groups. With 16-bit row-major operands its rows arrive by TMA (``gmm_wgrad_tma``):
+  0.58x the time of the plain-load kernel (geometric mean over the weight gradients of the
+  layer benchmark's shapes and gpu_1b's on an H200), still behind PyTorch's ``grouped_mm``
+  (``auto``'s choice where that runs). A TMA-fed forward measured level with the plain one
+  there (0.93-0.98x, up to 1.35x slower in one case) and was not kept.
 
 The row tiles of the forward kernel are scheduled from the offsets on the device (no host
 sync): at most ``cdiv(N, BLOCK_M) + E`` tiles exist, since each group adds at most one
@@ -151,56 +155,6 @@ def _gmm_wgrad_kernel(
 
 
 @triton.jit
-def _gmm_tma_kernel(
-    x_desc,
-    w_desc,
-    y_ptr,
-    offsets_ptr,
-    tile_expert_ptr,
-    tile_row_ptr,
-    I,
-    O,
-    num_col_blocks,
-    stride_yn,
-    W_K_MAJOR: tl.constexpr,
-    WIDEN: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BI: tl.constexpr,
-):
-    """One [BM x BN] output tile per program, the tile's row block and its column blocks
-    next to each other in launch order, so that the row block and the expert's weight stay
-    in L2 while they are read. Operands arrive by TMA (``x`` as one [N, I] matrix, the
-    weights as one [E*O, I] or [E*I, O] matrix): a tile's rows past its group are read but
-    never stored, and the reduction needs ``I % BI == 0`` (else it would read the next
-    expert's weight rows)."""
-    pid = tl.program_id(0)
-    tile = pid // num_col_blocks
-    e = tl.load(tile_expert_ptr + tile)
-    if e >= 0:
-        row0 = tl.load(tile_row_ptr + tile)
-        end = tl.load(offsets_ptr + e)
-        col0 = (pid % num_col_blocks) * BN
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for i0 in range(0, I, BI):
-            a = x_desc.load([row0, i0])
-            if W_K_MAJOR:
-                b = w_desc.load([e * O + col0, i0]).T
-            else:
-                b = w_desc.load([e * I + i0, col0])
-            if WIDEN:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        rows = row0 + tl.arange(0, BM)
-        cols = col0 + tl.arange(0, BN)
-        tl.store(
-            y_ptr + rows[:, None] * stride_yn + cols[None, :],
-            acc.to(y_ptr.dtype.element_ty),
-            mask=(rows < end)[:, None] & (cols < O)[None, :],
-        )
-
-
-@triton.jit
 def _gmm_wgrad_tma_kernel(
     x_desc,
     dy_desc,
@@ -266,18 +220,18 @@ def _gmm_wgrad_tma_kernel(
     )
 
 
-def _row_tiles(offsets_E: Tensor, num_rows: int, block_m: int = BLOCK_M) -> tuple[Tensor, Tensor]:
+def _row_tiles(offsets_E: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     """Expert and first row of every forward row tile, -1 for unused tile slots."""
     E = offsets_E.shape[0]
     ends = offsets_E.long()
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    tiles = (counts + block_m - 1) // block_m
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
     tile_end = torch.cumsum(tiles, 0)
-    slots = torch.arange(triton.cdiv(num_rows, block_m) + E, device=offsets_E.device)
+    slots = torch.arange(triton.cdiv(num_rows, BLOCK_M) + E, device=offsets_E.device)
     expert = torch.searchsorted(tile_end, slots, right=True)
     used = expert < E
     expert = expert.clamp(max=E - 1)
-    row = (ends - counts)[expert] + (slots - (tile_end - tiles)[expert]) * block_m
+    row = (ends - counts)[expert] + (slots - (tile_end - tiles)[expert]) * BLOCK_M
     return torch.where(used, expert, -1).to(torch.int32), row.to(torch.int32)
 
 
@@ -286,10 +240,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if tf32 else "ieee"
 
 
-# Tile shapes of the TMA kernels (16-bit operands): 128 x 256 output tiles, as Triton's
-# Hopper matmul uses; measured per GEMM of the layer by scripts/bench_gemm_kernels.py.
-TMA_GMM_CONFIG = {"BM": 128, "BN": 256, "BI": 64, "num_warps": 8, "num_stages": 3}
-TMA_WGRAD_CONFIG = {"BM": 64, "BN": 256, "BI": 128, "num_warps": 8, "num_stages": 3}
+# The TMA weight-gradient kernel's tiles (16-bit operands): [128 x 256] of the output, 32
+# rows of the reduction a step: the fastest of five shapes on an H200 over the weight
+# gradients of the layer benchmark's and gpu_1b's shapes (benchmarks/results/2026-11-27-h200-gemms).
+TMA_WGRAD_CONFIG = {"BM": 32, "BN": 256, "BI": 128, "num_warps": 8, "num_stages": 4}
 
 
 def _tensor_descriptor():
@@ -301,34 +255,15 @@ def _tensor_descriptor():
     return TensorDescriptor
 
 
-def _tma_rows(t: Tensor) -> bool:
-    """Whether a matrix can be a TMA operand: unit column stride, 16-byte aligned rows."""
+def _tma_operand(t: Tensor) -> bool:
+    """Whether a matrix can be read by TMA: 16-bit, unit column stride, 16-byte aligned rows."""
     size = t.element_size()
-    return t.stride(-1) == 1 and (t.stride(-2) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+    aligned = (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.dtype in (torch.bfloat16, torch.float16) and t.stride(1) == 1 and aligned
 
 
-def _tma_weight(w_EIO: Tensor, block_i: int) -> tuple[Tensor, bool] | None:
-    """The weights as one TMA matrix and whether it is K-major ([E*O, I]), or None."""
-    E, I, O = w_EIO.shape
-    if I % block_i:
-        return None
-    if w_EIO.transpose(1, 2).is_contiguous():
-        matrix, k_major = w_EIO.transpose(1, 2).reshape(E * O, I), True
-    elif w_EIO.is_contiguous():
-        matrix, k_major = w_EIO.reshape(E * I, O), False
-    else:
-        return None
-    return (matrix, k_major) if _tma_rows(matrix) else None
-
-
-def _use_tma(x_NI: Tensor) -> bool:
-    return x_NI.dtype in (torch.bfloat16, torch.float16) and _tensor_descriptor() is not None
-
-
-def gmm_pointer(
-    x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, config: dict | None = None
-) -> Tensor:
-    """The forward kernel with plain (masked pointer) loads: any dtype and strides."""
+@torch.library.custom_op("moe::triton_gmm", mutates_args=())
+def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     N, I = x_NI.shape
     E, _, O = w_EIO.shape
     y_NO = x_NI.new_empty(N, O)
@@ -336,8 +271,8 @@ def gmm_pointer(
         return y_NO
     if I == 0:
         return y_NO.zero_()
-    cfg = dict(config or _launch_config(x_NI.dtype))
-    tile_expert, tile_row = _row_tiles(offsets_E, N, cfg["BM"])
+    tile_expert, tile_row = _row_tiles(offsets_E, N)
+    cfg = _launch_config(x_NI.dtype)
     grid = (tile_expert.shape[0], triton.cdiv(O, cfg["BN"]))
     _gmm_kernel[grid](
         x_NI,
@@ -360,62 +295,18 @@ def gmm_pointer(
     return y_NO
 
 
-def gmm_tma(
-    x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, config: dict | None = None
-) -> Tensor | None:
-    """The forward kernel fed by TMA, or None where its operands do not qualify."""
-    cfg = dict(config or TMA_GMM_CONFIG)
-    N, I = x_NI.shape
-    E, _, O = w_EIO.shape
-    weight = _tma_weight(w_EIO, cfg["BI"]) if N and E and O and I else None
-    if weight is None or not _use_tma(x_NI) or not _tma_rows(x_NI):
-        return None
-    TensorDescriptor = _tensor_descriptor()
-    matrix, k_major = weight
-    bm, bn, bi = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BI")
-    y_NO = x_NI.new_empty(N, O)
-    tile_expert, tile_row = _row_tiles(offsets_E, N, bm)
-    num_col_blocks = triton.cdiv(O, bn)
-    _gmm_tma_kernel[(tile_expert.shape[0] * num_col_blocks,)](
-        TensorDescriptor.from_tensor(x_NI, [bm, bi]),
-        TensorDescriptor.from_tensor(matrix, [bn, bi] if k_major else [bi, bn]),
-        y_NO,
-        offsets_E,
-        tile_expert,
-        tile_row,
-        I,
-        O,
-        num_col_blocks,
-        y_NO.stride(0),
-        W_K_MAJOR=k_major,
-        WIDEN=WIDEN,
-        BM=bm,
-        BN=bn,
-        BI=bi,
-        **cfg,
-    )
-    return y_NO
-
-
-@torch.library.custom_op("moe::triton_gmm", mutates_args=())
-def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
-    y_NO = gmm_tma(x_NI, w_EIO, offsets_E)
-    return gmm_pointer(x_NI, w_EIO, offsets_E) if y_NO is None else y_NO
-
-
 @gmm.register_fake
 def _(x_NI, w_EIO, offsets_E):
     return x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
 
 
-def gmm_wgrad_pointer(
-    x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, config: dict | None = None
-) -> Tensor:
+def gmm_wgrad_pointer(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
+    """The weight-gradient kernel with plain (masked pointer) loads: any dtype and strides."""
     I, O, E = x_NI.shape[1], dy_NO.shape[1], offsets_E.shape[0]
     dw_EIO = x_NI.new_empty(E, I, O)
     if dw_EIO.numel() == 0:
         return dw_EIO
-    cfg = dict(config or _launch_config(x_NI.dtype))
+    cfg = _launch_config(x_NI.dtype)
     grid = (E, triton.cdiv(I, cfg["BI"]), triton.cdiv(O, cfg["BN"]))
     _gmm_wgrad_kernel[grid](
         x_NI,
@@ -436,19 +327,15 @@ def gmm_wgrad_pointer(
     return dw_EIO
 
 
-def gmm_wgrad_tma(
-    x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, config: dict | None = None
-) -> Tensor | None:
+def gmm_wgrad_tma(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor | None:
     """The weight-gradient kernel fed by TMA, or None where its operands do not qualify."""
-    cfg = dict(config or TMA_WGRAD_CONFIG)
     (N, I), O, E = x_NI.shape, dy_NO.shape[1], offsets_E.shape[0]
-    if (
-        not (N and I and O and E)
-        or not _use_tma(x_NI)
-        or not (_tma_rows(x_NI) and _tma_rows(dy_NO))
-    ):
-        return None
     TensorDescriptor = _tensor_descriptor()
+    if not (N and I and O and E) or TensorDescriptor is None:
+        return None
+    if not (_tma_operand(x_NI) and _tma_operand(dy_NO)):
+        return None
+    cfg = dict(TMA_WGRAD_CONFIG)
     bm, bn, bi = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BI")
     dw_EIO = x_NI.new_empty(E, I, O)
     num_col_blocks = triton.cdiv(O, bn)
