@@ -127,9 +127,14 @@ def torch_gmm_wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor:
     return F.grouped_mm(x_NI.t(), dy_NO, offs=offsets_E)
 
 
+# Looked up once, here: layers ask inside compiled code, and torch 2.11's compiler refuses
+# to trace ``find_spec`` (a compiled layer on the triton backend failed on an H200).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Triton kernels run natively on CUDA, and on the CPU under ``TRITON_INTERPRET=1``."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch._dynamo
-from moe.kernels import cpu_rows
+from moe.kernels import cpu_rows, triton_available
 
 from moe.layers import MoEConfig, MoELayer
 from moe.model.transformer import Block, rotary_tables
@@ -68,6 +68,20 @@ def test_layer_is_one_graph_equal_to_eager(capacity_factor, priority, top_k):
     assert_same(eager, loss_and_grads(compiled, x), atol=SAME)
     if capacity_factor > 0:
         assert eager[1].dropped_fraction > 0  # the capacity path was exercised
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton (TRITON_INTERPRET=1 on a CPU)")
+@pytest.mark.parametrize("capacity_factor,priority", ROUTINGS[:2])
+def test_layer_on_the_triton_backend_is_one_graph_equal_to_eager(capacity_factor, priority):
+    """Our Triton kernels are custom ops, so the trace never enters them; the layer's
+    choice of them must trace too (torch 2.11 refused to trace a lookup of the package)."""
+    layer, x = layer_and_input(capacity_factor, priority, top_k=2, backend="triton")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = loss_and_grads(layer, x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert_same(eager, loss_and_grads(compiled, x), atol=SAME)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
