@@ -9,9 +9,10 @@ The layer runs six grouped GEMMs a step (SwiGLU experts, T*k rows in expert orde
 stores them ([E, O, I], ``nn.Linear``'s layout), so the forward reads them K-major and the
 input gradient N-major. Group sizes come from a random top-k router. Each implementation is
 checked against ``grouped_mm`` before it is timed (largest difference relative to the
-largest value). Times are medians of CUDA-event timings around each call as eager code makes it, the
-host's work included (our forward kernel computes its tile schedule with a dozen small
-PyTorch ops first: about 0.3 ms on the H200 machine's host, which dominates its time).
+largest value). Two times per call: eager (CUDA events around each call as eager code makes it, the
+host's work included: our forward kernel computes its tile schedule with a dozen small
+PyTorch ops first, about 0.3 ms on the H200 machine's host) and GPU (the call captured in a
+CUDA graph and replayed back to back: the kernels alone). Medians.
 
     python scripts/bench_gemm_kernels.py --json gemms.json
 """
@@ -58,12 +59,36 @@ def cuda_ms(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def gpu_ms(fn, reps: int) -> float:
+    """The call's GPU time alone: captured once in a CUDA graph, replayed back to back (the
+    host's launch work is gone, so this is what a compiled step with CUDA graphs pays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    batches = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        batches.append(start.elapsed_time(end) / reps)
+    return statistics.median(batches)
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
 
 
-def roles(T: int, D: int, F_: int, E: int, k: int, device: str):
-    """(name, flops, dense call, grouped_mm call, {impl: call}) for each of the six GEMMs."""
+def roles(T: int, D: int, F_: int, E: int, k: int, device: str, extra=None):
+    """(name, flops, dense call, grouped_mm call, {impl: call}) for each of the six GEMMs;
+    ``extra(x, w_EIO, offsets)``: more forward implementations, by name."""
     N, H = T * k, 2 * F_
     bf16 = dict(device=device, dtype=torch.bfloat16)
     offsets = group_ends(T, E, k, device)
@@ -78,6 +103,7 @@ def roles(T: int, D: int, F_: int, E: int, k: int, device: str):
         x = torch.randn(N, rows_in, **bf16)
         dense_w = w_EIO[0].contiguous() if name.endswith("dx") else w_EIO[0]
         impls = {"triton": lambda x=x, w=w_EIO: tg.gmm(x, w, offsets)}
+        impls.update(extra(x, w_EIO, offsets) if extra else {})
         yield (
             name,
             2 * N * rows_in * w_EIO.shape[2],
@@ -100,7 +126,7 @@ def roles(T: int, D: int, F_: int, E: int, k: int, device: str):
         )
 
 
-def main() -> None:
+def main(extra=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
     parser.add_argument("--reps", type=int, default=20)
@@ -112,29 +138,31 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         T, D, F_, E, k = SHAPES[shape]
-        for name, flops, dense, grouped, impls in roles(T, D, F_, E, k, "cuda"):
+        for name, flops, dense, grouped, impls in roles(T, D, F_, E, k, "cuda", extra):
             expected = grouped()
-            dense_ms = cuda_ms(dense, args.warmup, args.reps)
-            row = {"shape": shape, "gemm": name, "TFLOP/s dense": flops / dense_ms / 1e9}
-            row["dense ms"] = dense_ms
-            row["grouped_mm ms"] = cuda_ms(grouped, args.warmup, args.reps)
-            for impl, call in impls.items():
+            row = {"shape": shape, "gemm": name}
+            for impl, call in {"dense": dense, "grouped_mm": grouped, **impls}.items():
                 try:
                     out = call()
                     if out is None:
                         raise ValueError("the operands do not qualify for this kernel")
-                    row[f"{impl} diff"] = rel_diff(out, expected)
+                    if impl != "dense":
+                        row[f"{impl} diff"] = rel_diff(out, expected)
                     row[f"{impl} ms"] = cuda_ms(call, args.warmup, args.reps)
-                except Exception as err:  # a tile shape the GPU cannot run: say so, go on
+                    row[f"{impl} gpu ms"] = gpu_ms(call, args.reps)
+                except Exception as err:  # a kernel this GPU cannot run: say so, go on
                     row[f"{impl} error"] = f"{type(err).__name__}: {str(err)[:200]}"
                     print(f"  {impl}: {row[f'{impl} error']}", flush=True)
-            timed = {k[:-3]: v for k, v in row.items() if k.endswith(" ms") and k != "dense ms"}
-            best = min(timed, key=timed.get)
+            row["dense TFLOP/s"] = flops / row["dense gpu ms"] / 1e9
+            timed = [key[:-7] for key in row if key.endswith(" gpu ms")]
             print(
-                f"{shape:14s} {name:7s} dense {dense_ms:.3f} ms ({row['TFLOP/s dense']:.0f} TF/s)"
-                f"  grouped_mm {row['grouped_mm ms']:.3f} ({dense_ms / row['grouped_mm ms']:.0%})"
-                f"  triton {timed.get('triton', timed.get('triton_tma', float('nan'))):.3f}"
-                f"  best {best} {timed[best]:.3f} ({dense_ms / timed[best]:.0%})",
+                f"{shape:14s} {name:7s} ms eager/GPU, % of dense GPU "
+                f"(dense {row['dense TFLOP/s']:.0f} TFLOP/s):  "
+                + "  ".join(
+                    f"{impl} {row[impl + ' ms']:.3f}/{row[impl + ' gpu ms']:.3f} "
+                    f"{row['dense gpu ms'] / row[impl + ' gpu ms']:.0%}"
+                    for impl in timed
+                ),
                 flush=True,
             )
             rows.append(row)
