@@ -131,7 +131,72 @@ def test_bfloat16_close_to_float32(backend):
     torch.testing.assert_close(wb.grad.float(), w.grad, rtol=2e-2, atol=6e-1)
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton (TRITON_INTERPRET=1 on a CPU)")
+needs_triton = pytest.mark.skipif(
+    not triton_available(), reason="needs triton (TRITON_INTERPRET=1 on a CPU)"
+)
+
+
+def reference_groups(x, w, offsets):
+    bounds = itertools.pairwise([0, *offsets.tolist()])
+    return torch.cat([x[s:e].double() @ w[i].double() for i, (s, e) in enumerate(bounds)])
+
+
+@needs_triton
+@pytest.mark.parametrize("transposed", [False, True], ids=["EIO", "EOI_view"])
+@pytest.mark.parametrize(
+    "counts",
+    [[300, 0, 17, 129, 1], [0, 0, 0], [128, 128]],
+    ids=["odd_groups_and_an_empty_one", "no_rows_in_any_group", "whole_tiles_only"],
+)
+def test_triton_persistent_forward_matches_float64(counts, transposed):
+    """Four programs (on a CPU) walk every output tile of the schedule they compute from
+    the offsets; a tile's rows past its group are read, never stored."""
+    from moe.kernels import triton_gemm
+
+    g = generator(4)
+    I, O, E = 128, 136, len(counts)  # two reduction steps; a second, partial column tile
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    n = int(offsets[-1])
+    x = torch.randn(n + 5, I, generator=g).bfloat16()  # 5 rows past the groups
+    shape = (E, O, I) if transposed else (E, I, O)
+    w = torch.randn(shape, generator=g).bfloat16()
+    w = w.transpose(1, 2) if transposed else w
+    y = triton_gemm.gmm_persistent(x, w, offsets)
+    if y is None:
+        pytest.skip("this triton has no TMA descriptors (triton < 3.4)")
+    torch.testing.assert_close(
+        y[:n].double(), reference_groups(x, w, offsets), rtol=1e-2, atol=1e-2
+    )
+
+
+@needs_triton
+def test_cuda_auto_runs_our_forward_where_it_can_and_grouped_mm_elsewhere(monkeypatch):
+    """``auto`` on CUDA (``backends.CUDA_AUTO``): the persistent forward when the reduction
+    is a multiple of its 64-wide steps, grouped_mm otherwise; grouped_mm's weight gradient."""
+    from moe.kernels import backends, triton_gemm
+
+    ours = []
+    persistent = triton_gemm.gmm_persistent
+    monkeypatch.setattr(
+        triton_gemm, "gmm_persistent", lambda *a: ours.append(a[0].shape[1]) or persistent(*a)
+    )
+    counts = [70, 0, 33]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(5)
+    for I in (64, 40):
+        x = torch.randn(103, I, generator=g).bfloat16()
+        w = torch.randn(3, I, 24, generator=g).bfloat16()
+        y = backends.CUDA_AUTO.gmm(x, w, offsets, True)
+        torch.testing.assert_close(
+            y.double(), reference_groups(x, w, offsets), rtol=1e-2, atol=1e-2
+        )
+    assert ours == [64, 40]  # asked both times; the second declined (40 % 64)
+    dy = torch.randn(103, 24, generator=g).bfloat16()
+    dw = backends.CUDA_AUTO.gmm_wgrad(x, dy, offsets)
+    assert torch.equal(dw, backends.torch_gmm_wgrad(x, dy, offsets))
+
+
+@needs_triton
 @pytest.mark.parametrize(
     "counts",
     [[40, 0, 17, 65, 1], [0, 0, 0], [96]],
