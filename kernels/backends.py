@@ -155,14 +155,6 @@ def _triton(x_NI: Tensor):
     return triton_gemm
 
 
-def cuda_auto_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
-    """Our persistent Triton forward where it takes the operands, else grouped_mm."""
-    y_NO = _triton(x_NI).gmm_persistent(x_NI, w_EIO, offsets_E)
-    if y_NO is None:
-        return torch_gmm(x_NI, w_EIO, offsets_E, zero_tail)
-    return zero_rows_past_groups(y_NO, offsets_E) if zero_tail else y_NO
-
-
 def triton_gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:
     y_NO = _triton(x_NI).gmm(x_NI, w_EIO, offsets_E)
     return zero_rows_past_groups(y_NO, offsets_E) if zero_tail else y_NO
@@ -183,11 +175,6 @@ LOOP = GemmBackend("loop", loop_gmm, loop_gmm_wgrad)
 TORCH = GemmBackend("torch", torch_gmm, torch_gmm_wgrad)
 TRITON = GemmBackend("triton", triton_gmm, triton_gmm_wgrad)
 AVX512 = GemmBackend("avx512", cpu_gemm.gmm, cpu_gemm.gmm_wgrad)
-# ``auto`` on CUDA: our persistent forward (also the input gradient), grouped_mm's weight
-# gradient. On an H200, GPU time against grouped_mm: forward and input gradient 0.88x
-# (geometric mean over the layer benchmark's and gpu_1b's shapes), our weight gradient
-# 0.9-1.25x (benchmarks/results/2026-11-27-h200-gemms).
-CUDA_AUTO = GemmBackend("auto", cuda_auto_gmm, torch_gmm_wgrad)
 
 
 def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
@@ -203,9 +190,11 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
     if name != "auto":
         raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
     if x_NI.is_cuda:
+        # grouped_mm, also where our persistent Triton forward takes less GPU time (0.88x
+        # on an H200): launched from a custom op, its host work made the compiled layer
+        # slower (benchmarks/results/2026-11-27-h200-gemms).
         if torch_gmm_supports(x_NI, w_EIO):
-            ours = triton_available() and x_NI.dtype == torch.bfloat16
-            return CUDA_AUTO if ours else TORCH
+            return TORCH
         use_triton = triton_available() and x_NI.dtype in TRITON_DTYPES
         return TRITON if use_triton else LOOP
     # On the CPU, our kernels where the CPU has AVX512-BF16 (cpu_gemm.cpp says why): the

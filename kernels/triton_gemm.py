@@ -7,13 +7,14 @@ Shape legend: N rows (token copies in expert order), E experts, I inner dim, O o
   input gradient ``dy @ w[e].T`` needs no copy. With 16-bit operands whose rows TMA can
   read (``gmm_persistent``), one persistent kernel fed by TMA schedules its own tiles from
   the offsets: on an H200 0.88x the GPU time of PyTorch's grouped_mm (0.69x at 128
-  experts), so ``auto`` runs it on CUDA (``backends.py``). Otherwise a kernel with plain
+  experts); ``auto`` still takes grouped_mm, whose compiled launch costs the host less
+  (``backends.py``). Otherwise a kernel with plain
   loads whose row tiles are scheduled on the device first (``_row_tiles``: at most
   ``cdiv(N, BLOCK_M) + E`` tiles, since each group adds at most one partial tile).
 - ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``x[g].T @ dy[g]`` per group, zero for
   empty groups. With 16-bit row-major operands its rows arrive by TMA (``gmm_wgrad_tma``):
-  0.58x the time of the plain-load kernel, still behind grouped_mm at 32 and 128 experts
-  (``auto`` keeps grouped_mm for it).
+  about half the GPU time of the plain-load kernel, level with grouped_mm up to 32 experts
+  and 1.2x its time at 128.
 
 No kernel synchronises with the host; rows past ``offsets[-1]`` are never written.
 float32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` (exact IEEE by default);
@@ -324,8 +325,9 @@ def _tma_operand(t: Tensor) -> bool:
 # The persistent forward's tiles: [128 x 128], 4 warps, two programs per SM. On an H200,
 # against PyTorch's grouped_mm over the forward and input-gradient GEMMs of the layer
 # benchmark's shapes and gpu_1b's (GPU time, CUDA-graph replays): 0.88x its time (geometric
-# mean; 0.69x at 128 experts, 1.01x at worst); [128 x 256] with 8 warps was level with it,
-# [128 x 128] with 8 warps 1.01x (benchmarks/results/2026-11-27-h200-gemms).
+# mean; 0.69x at 128 experts, 1.01x at worst); [128 x 256] tiles with 8 warps, one program
+# per SM, 0.89x; [128 x 128] with 8 warps and 4 stages 1.01x
+# (benchmarks/results/2026-11-27-h200-gemms).
 PERSISTENT_CONFIG = {"BM": 128, "BN": 128, "BI": 64, "num_warps": 4, "num_stages": 3}
 PROGRAMS_PER_SM = 2
 

@@ -170,33 +170,6 @@ def test_triton_persistent_forward_matches_float64(counts, transposed):
 
 
 @needs_triton
-def test_cuda_auto_runs_our_forward_where_it_can_and_grouped_mm_elsewhere(monkeypatch):
-    """``auto`` on CUDA (``backends.CUDA_AUTO``): the persistent forward when the reduction
-    is a multiple of its 64-wide steps, grouped_mm otherwise; grouped_mm's weight gradient."""
-    from moe.kernels import backends, triton_gemm
-
-    ours = []
-    persistent = triton_gemm.gmm_persistent
-    monkeypatch.setattr(
-        triton_gemm, "gmm_persistent", lambda *a: ours.append(a[0].shape[1]) or persistent(*a)
-    )
-    counts = [70, 0, 33]
-    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    g = generator(5)
-    for I in (64, 40):
-        x = torch.randn(103, I, generator=g).bfloat16()
-        w = torch.randn(3, I, 24, generator=g).bfloat16()
-        y = backends.CUDA_AUTO.gmm(x, w, offsets, True)
-        torch.testing.assert_close(
-            y.double(), reference_groups(x, w, offsets), rtol=1e-2, atol=1e-2
-        )
-    assert ours == [64, 40]  # asked both times; the second declined (40 % 64)
-    dy = torch.randn(103, 24, generator=g).bfloat16()
-    dw = backends.CUDA_AUTO.gmm_wgrad(x, dy, offsets)
-    assert torch.equal(dw, backends.torch_gmm_wgrad(x, dy, offsets))
-
-
-@needs_triton
 @pytest.mark.parametrize(
     "counts",
     [[40, 0, 17, 65, 1], [0, 0, 0], [96]],

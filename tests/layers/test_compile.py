@@ -100,31 +100,6 @@ def test_compiled_dropless_layer_on_grouped_mm_matches_eager(top_k):
     assert_same(eager, loss_and_grads(compiled, x), atol=2e-2)
 
 
-@pytest.mark.skipif(not triton_available(), reason="needs triton (TRITON_INTERPRET=1 on a CPU)")
-def test_compiled_layer_on_cudas_auto_choice_matches_eager(monkeypatch):
-    """What ``auto`` picks on CUDA for bfloat16 (our persistent Triton forward and input
-    gradient, grouped_mm's weight gradient; ``backends.CUDA_AUTO``), here on the CPU under
-    Triton's interpreter: compiled, one graph that equals eager."""
-    from moe.kernels import backends, grouped_gemm, triton_gemm
-
-    picked = []
-    monkeypatch.setattr(grouped_gemm, "resolve_backend", lambda *a: backends.CUDA_AUTO)
-    persistent = triton_gemm.gmm_persistent
-    monkeypatch.setattr(
-        triton_gemm, "gmm_persistent", lambda *a: picked.append(1) or persistent(*a)
-    )
-    torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=64, capacity_factor=0.0)
-    layer = MoELayer(64, cfg).bfloat16()  # reductions of 64 and 128: the persistent kernel's
-    x = torch.randn(2, 24, 64, dtype=torch.bfloat16, requires_grad=True)
-    torch._dynamo.reset()
-    assert torch._dynamo.explain(layer)(x).graph_break_count == 0
-    eager = loss_and_grads(layer, x)
-    assert picked, "the persistent kernel never ran"
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    assert_same(eager, loss_and_grads(compiled, x), atol=2e-2)
-
-
 class Autocast(torch.nn.Module):
     """The layer under bfloat16 autocast, as the trainer runs it (moe/train/loss.py)."""
 
