@@ -8,9 +8,9 @@ Shape legend: N rows (token copies in expert order), E experts, I inner dim, O o
   read (``gmm_persistent``), one persistent kernel fed by TMA schedules its own tiles from
   the offsets: on an H200 0.88x the GPU time of PyTorch's grouped_mm (0.69x at 128
   experts); ``auto`` still takes grouped_mm, whose compiled launch costs the host less
-  (``backends.py``). Otherwise a kernel with plain
-  loads whose row tiles are scheduled on the device first (``_row_tiles``: at most
-  ``cdiv(N, BLOCK_M) + E`` tiles, since each group adds at most one partial tile).
+  (``backends.py``). Otherwise a kernel with plain loads whose row tiles are scheduled on
+  the device first (``_row_tiles``: at most ``cdiv(N, BLOCK_M) + E`` tiles, since each
+  group adds at most one partial tile).
 - ``gmm_wgrad(x_NI, dy_NO, offsets_E) -> dw_EIO``: ``x[g].T @ dy[g]`` per group, zero for
   empty groups. With 16-bit row-major operands its rows arrive by TMA (``gmm_wgrad_tma``):
   about half the GPU time of the plain-load kernel, level with grouped_mm up to 32 experts
