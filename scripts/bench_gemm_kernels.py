@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from moe.kernels import count_per_expert
 from moe.kernels import triton_gemm as tg
+from moe.kernels import triton_tma as tma
 
 SHAPES = {  # name: (tokens, d_model, expert d_ff, experts, top-k)
     "layer_E8_k1": (16384, 1024, 2048, 8, 1),
@@ -115,7 +116,7 @@ def roles(T: int, D: int, F_: int, E: int, k: int, device: str, extra=None):
         x, dy = torch.randn(N, I, **bf16), torch.randn(N, O, **bf16)
         impls = {
             "triton_pointer": lambda x=x, dy=dy: tg.gmm_wgrad_pointer(x, dy, offsets),
-            "triton_tma": lambda x=x, dy=dy: tg.gmm_wgrad_tma(x, dy, offsets),
+            "triton_tma": lambda x=x, dy=dy: tma.gmm_wgrad_tma(x, dy, offsets),
         }
         yield (
             name,
