@@ -1,18 +1,19 @@
 """Each grouped GEMM of the MoE layer, alone, on a GPU: PyTorch's ``grouped_mm``, our Triton
-kernels (the weight gradient with plain loads and fed by TMA) and the dense ``mm`` of the
-same total shape, which is the rate to reach.
+kernels and the dense ``mm`` of the same total shape, which is the rate to reach.
 
 The layer runs six grouped GEMMs a step (SwiGLU experts, T*k rows in expert order):
 ``in`` [N, D] x [D, 2F] and ``out`` [N, F] x [F, D] forward, their input gradients ``in_dx``
 [N, 2F] x [2F, D] and ``out_dx`` [N, D] x [D, F], and their weight gradients ``in_dw``
 (``dy^T x`` per group, [2F, D] each) and ``out_dw``. Weights are stored as the layer
 stores them ([E, O, I], ``nn.Linear``'s layout), so the forward reads them K-major and the
-input gradient N-major. Group sizes come from a random top-k router. Each implementation is
-checked against ``grouped_mm`` before it is timed (largest difference relative to the
-largest value). Two times per call: eager (CUDA events around each call as eager code makes it, the
-host's work included: our forward kernel computes its tile schedule with a dozen small
-PyTorch ops first, about 0.3 ms on the H200 machine's host) and GPU (the call captured in a
-CUDA graph and replayed back to back: the kernels alone). Medians.
+input gradient N-major. Group sizes come from a random top-k router. Ours: ``triton`` (the
+``triton`` backend's forward: the persistent TMA kernel where the operands qualify, as
+here), ``triton_pointer`` (the plain-load kernels) and ``triton_tma`` (the TMA weight
+gradient). Each implementation is checked against ``grouped_mm`` before it is timed
+(largest difference relative to the largest value). Two times per call, medians: eager
+(CUDA events around each call as eager code makes it, the host's work included: the plain
+forward computes its tile schedule with a dozen small PyTorch ops first) and GPU (the call
+captured in a CUDA graph and replayed back to back: the kernels alone).
 
     python scripts/bench_gemm_kernels.py --json gemms.json
 """
@@ -103,7 +104,10 @@ def roles(T: int, D: int, F_: int, E: int, k: int, device: str, extra=None):
     ):
         x = torch.randn(N, rows_in, **bf16)
         dense_w = w_EIO[0].contiguous() if name.endswith("dx") else w_EIO[0]
-        impls = {"triton": lambda x=x, w=w_EIO: tg.gmm(x, w, offsets)}
+        impls = {
+            "triton": lambda x=x, w=w_EIO: tg.gmm(x, w, offsets),
+            "triton_pointer": lambda x=x, w=w_EIO: tg.gmm_pointer(x, w, offsets),
+        }
         impls.update(extra(x, w_EIO, offsets) if extra else {})
         yield (
             name,
