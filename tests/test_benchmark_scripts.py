@@ -4,7 +4,9 @@ the times they print). A script that breaks would otherwise be found on a GPU le
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +83,34 @@ def test_profile_prints_the_step_table():
               "--experts", "4", "--steps", "1", "--rows", "30")  # fmt: skip
     # The experts' grouped GEMM, whichever backend runs it (the eager autograd function).
     assert "Self CPU time total" in out and "_EagerGroupedMM" in out
+
+
+@pytest.mark.skipif(
+    not importlib.util.find_spec("triton") or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="on a CPU this needs triton and its interpreter (TRITON_INTERPRET=1, conftest)",
+)
+def test_gemm_kernel_benchmark_builds_six_gemms_whose_kernels_agree():
+    """``bench_gemm_kernels.py`` times GPU kernels only (on a CPU it stops with one line);
+    the six GEMMs it builds and every implementation it compares, at a toy size under
+    Triton's interpreter, agree with grouped_mm and their FLOPs match their shapes."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_gemm_kernels.py")], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "no CUDA device" in done.stderr
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_gemm_kernels as bench
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    T, D, F, E, k = 96, 64, 64, 4, 2
+    built = list(bench.roles(T, D, F, E, k, "cpu"))
+    assert [name for name, *_ in built] == ["in", "out", "in_dx", "out_dx", "in_dw", "out_dw"]
+    inner_outer = {"in": (D, 2 * F), "out": (F, D), "in_dx": (2 * F, D), "out_dx": (D, F)}
+    inner_outer |= {"in_dw": (2 * F, D), "out_dw": (D, F)}
+    for name, flops, dense, grouped, impls in built:
+        assert flops == 2 * T * k * inner_outer[name][0] * inner_outer[name][1]
+        expected = grouped()
+        assert dense().numel() * (E if name.endswith("dw") else 1) == expected.numel()
+        assert len(impls) == 2
+        for impl, call in impls.items():
+            assert bench.rel_diff(call(), expected) < 1e-2, (name, impl)
