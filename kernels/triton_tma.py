@@ -1,6 +1,7 @@
-"""Triton grouped GEMMs fed by TMA (16-bit operands; Hopper-class GPUs read tiles with the
-tensor memory accelerator, other GPUs and Triton's interpreter emulate it). The ops in
-``triton_gemm`` run them where the operands qualify and the plain-load kernels otherwise.
+"""Triton grouped GEMMs fed by TMA (the tensor memory accelerator of Hopper-class GPUs;
+16-bit operands), also run by Triton's interpreter on a CPU for the tests. The ops in
+``triton_gemm`` run them where the GPU and the operands qualify, the plain-load kernels
+otherwise.
 
 Shape legend: N rows (token copies in expert order), E experts, I inner dim, O output dim.
 
@@ -27,8 +28,17 @@ from torch import Tensor
 WIDEN = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tensor_descriptor():
-    """Triton's host-side TMA descriptor class (triton >= 3.4), or None."""
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _tensor_descriptor(device: torch.device):
+    """Triton's host-side TMA descriptor class (triton >= 3.4), or None: also on GPUs before
+    Hopper, which have no TMA unit and where these kernels were never measured (the
+    interpreter, on a CPU, runs them for the tests)."""
+    if device.type == "cuda" and not _has_tma(device.index or 0):
+        return None
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
@@ -140,7 +150,7 @@ def gmm_persistent(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor | N
     cfg = dict(PERSISTENT_CONFIG)
     bm, bn, bi = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BI")
     (N, I), (E, _, O) = x_NI.shape, w_EIO.shape
-    TensorDescriptor = _tensor_descriptor()
+    TensorDescriptor = _tensor_descriptor(x_NI.device)
     if not (N and I and O and E) or I % bi or TensorDescriptor is None:
         return None
     weight = _tma_weight(w_EIO) if _tma_operand(x_NI) else None
@@ -245,7 +255,7 @@ def _gmm_wgrad_tma_kernel(
 def gmm_wgrad_tma(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor | None:
     """The weight-gradient kernel fed by TMA, or None where its operands do not qualify."""
     (N, I), O, E = x_NI.shape, dy_NO.shape[1], offsets_E.shape[0]
-    TensorDescriptor = _tensor_descriptor()
+    TensorDescriptor = _tensor_descriptor(x_NI.device)
     if not (N and I and O and E) or TensorDescriptor is None:
         return None
     if not (_tma_operand(x_NI) and _tma_operand(dy_NO)):
