@@ -33,17 +33,28 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def _tensor_descriptor(device: torch.device):
-    """Triton's host-side TMA descriptor class (triton >= 3.4), or None: also on GPUs before
-    Hopper, which have no TMA unit and where these kernels were never measured (the
-    interpreter, on a CPU, runs them for the tests)."""
-    if device.type == "cuda" and not _has_tma(device.index or 0):
-        return None
+@functools.cache
+def _descriptor_class():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
+    except ImportError:  # triton < 3.4
         return None
     return TensorDescriptor
+
+
+def _tensor_descriptor(device: torch.device):
+    """Triton's host-side TMA descriptor class, or None: also on GPUs before Hopper, which
+    have no TMA unit and where these kernels were never measured (the interpreter, on a
+    CPU, runs them for the tests)."""
+    if device.type == "cuda" and not _has_tma(device.index or 0):
+        return None
+    return _descriptor_class()
+
+
+def _tiles(config: dict) -> tuple[int, int, int, dict]:
+    """(BM, BN, BI) of a kernel configuration, and the rest: Triton's launch options."""
+    launch = dict(config)
+    return launch.pop("BM"), launch.pop("BN"), launch.pop("BI"), launch
 
 
 def _tma_operand(t: Tensor) -> bool:
@@ -147,8 +158,7 @@ def _gmm_persistent_kernel(
 def gmm_persistent(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor | None:
     """The persistent TMA forward, or None where the operands do not qualify (16-bit,
     row-major rows and weights of 16-byte multiples, ``I`` a multiple of 64)."""
-    cfg = dict(PERSISTENT_CONFIG)
-    bm, bn, bi = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BI")
+    bm, bn, bi, launch = _tiles(PERSISTENT_CONFIG)
     (N, I), (E, _, O) = x_NI.shape, w_EIO.shape
     TensorDescriptor = _tensor_descriptor(x_NI.device)
     if not (N and I and O and E) or I % bi or TensorDescriptor is None:
@@ -175,7 +185,7 @@ def gmm_persistent(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor | N
         BM=bm,
         BN=bn,
         BI=bi,
-        **cfg,
+        **launch,
     )
     return y_NO
 
@@ -260,8 +270,7 @@ def gmm_wgrad_tma(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor | No
         return None
     if not (_tma_operand(x_NI) and _tma_operand(dy_NO)):
         return None
-    cfg = dict(TMA_WGRAD_CONFIG)
-    bm, bn, bi = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BI")
+    bm, bn, bi, launch = _tiles(TMA_WGRAD_CONFIG)
     dw_EIO = x_NI.new_empty(E, I, O)
     num_col_blocks = triton.cdiv(O, bn)
     tiles_per_expert = triton.cdiv(I, bi) * num_col_blocks
@@ -284,6 +293,6 @@ def gmm_wgrad_tma(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor) -> Tensor | No
         BM=bm,
         BN=bn,
         BI=bi,
-        **cfg,
+        **launch,
     )
     return dw_EIO

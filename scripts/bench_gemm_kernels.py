@@ -88,9 +88,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
 
 
-def roles(T: int, D: int, F_: int, E: int, k: int, device: str, extra=None):
-    """(name, flops, dense call, grouped_mm call, {impl: call}) for each of the six GEMMs;
-    ``extra(x, w_EIO, offsets)``: more forward implementations, by name."""
+def roles(T: int, D: int, F_: int, E: int, k: int, device: str):
+    """(name, flops, dense call, grouped_mm call, {impl: call}) for each of the six GEMMs."""
     N, H = T * k, 2 * F_
     bf16 = dict(device=device, dtype=torch.bfloat16)
     offsets = group_ends(T, E, k, device)
@@ -108,7 +107,6 @@ def roles(T: int, D: int, F_: int, E: int, k: int, device: str, extra=None):
             "triton": lambda x=x, w=w_EIO: tg.gmm(x, w, offsets),
             "triton_pointer": lambda x=x, w=w_EIO: tg.gmm_pointer(x, w, offsets),
         }
-        impls.update(extra(x, w_EIO, offsets) if extra else {})
         yield (
             name,
             2 * N * rows_in * w_EIO.shape[2],
@@ -131,7 +129,7 @@ def roles(T: int, D: int, F_: int, E: int, k: int, device: str, extra=None):
         )
 
 
-def main(extra=None) -> None:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names")
     parser.add_argument("--reps", type=int, default=20)
@@ -143,7 +141,7 @@ def main(extra=None) -> None:
     rows = []
     for shape in args.shapes.split(","):
         T, D, F_, E, k = SHAPES[shape]
-        for name, flops, dense, grouped, impls in roles(T, D, F_, E, k, "cuda", extra):
+        for name, flops, dense, grouped, impls in roles(T, D, F_, E, k, "cuda"):
             expected = grouped()
             row = {"shape": shape, "gemm": name}
             for impl, call in {"dense": dense, "grouped_mm": grouped, **impls}.items():
