@@ -266,6 +266,48 @@ def test_avx512_forward_stores_float32_when_asked(case):
     assert torch.equal(y.bfloat16(), kernels.gmm_x_wt(x, w_EPK, offsets, False))
 
 
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize(
+    "counts",
+    # Skewed as routing is in training: one expert with most rows, empty ones between. The
+    # first averages under 128 rows per expert (forward: weight in place; input gradient:
+    # streamed), the second over (both pack the weight by panels).
+    [[300, 0, 2, 0, 1, 45, 0, 0, 7, 3], [1900, 0, 2, 0, 1, 150, 0, 9]],
+    ids=["few_rows", "many_rows"],
+)
+def test_avx512_same_bits_whatever_the_thread_count(counts, dtype):
+    """The kernels hand each thread a range of tasks of about equal cost (cpu_gemm.cpp,
+    parallel_by_cost). Every output element comes from one task whatever the ranges, so any
+    thread count gives the same bits; a task lost or run twice between ranges would not."""
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(11)
+    E, N, K, P = len(counts), sum(counts), 72, 136
+    x = torch.randn(N, K, generator=g).to(dtype)
+    w = torch.randn(E, P, K, generator=g).to(dtype)
+    dy = torch.randn(N, P, generator=g).to(dtype)
+    kernels = cpu_gemm.module()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            results.append(
+                (
+                    kernels.gmm_x_wt(x, w, offsets, False),
+                    kernels.gmm_x_w(dy, w, offsets),
+                    kernels.gmm_at_b(dy, x, offsets, False),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    y_ref = reference_gmm(x.double(), w.double().transpose(1, 2), offsets)
+    torch.testing.assert_close(results[0][0].double(), y_ref, rtol=2**-8, atol=1e-3)
+
+
 @on_cpu
 def test_autocast_casts_operands():
     offsets = torch.tensor([3, 5], dtype=torch.int32)
