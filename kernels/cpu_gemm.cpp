@@ -498,23 +498,33 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
   const T* xp = data<T>(x);
   const W* wp = data<W>(w);
   T* yp = data<T>(y);
-  auto cost = [&](int64_t e) { return b[e + 1] == b[e] ? 0 : b[e + 1] - b[e] + TASK_ROWS; };
-  parallel_by_cost(E, cost, [&](int64_t e0, int64_t e1) {
+  // Tasks: an expert's rows, or a part of them where a group is far above the average
+  // (skewed routing), so that the threads can share it; each part streams the weight again.
+  struct Part {
+    int64_t e, row0, rows;
+  };
+  const int64_t cap = std::max<int64_t>(8 * MR, b[E] / (2 * at::get_num_threads()));
+  std::vector<Part> parts;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t rows = b[e + 1] - b[e], n = (rows + cap - 1) / cap;
+    for (int64_t i = 0; i < n; ++i) parts.push_back({e, b[e] + rows * i / n, rows * (i + 1) / n - rows * i / n});
+  }
+  auto cost = [&](int64_t t) { return parts[t].rows + TASK_ROWS; };
+  parallel_by_cost((int64_t)parts.size(), cost, [&](int64_t t0, int64_t t1) {
     // Panels a line more than a power of two apart: the packing writes all of them at once.
     const int64_t panel_stride = words_for<T>(KB) * NR + 16;
     std::vector<uint32_t> packed(panel_stride * panels);
     std::vector<float> sums;
     __m512 acc[2 * MR] = {};  // a 16-column tile leaves its second half as it was
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t rows = b[e + 1] - b[e];
-      if (rows == 0) continue;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t e = parts[t].e, row0 = parts[t].row0, rows = parts[t].rows;
       sums.assign(rows * width, 0.0f);
       for (int64_t k0 = 0; k0 < I; k0 += KB) {
         const int64_t k = std::min(KB, I - k0), kwords = words_for<T>(k);
         pack_rows_by_row<T>(wp + (e * I + k0) * O, O, k, O, packed.data(), panel_stride);
-        // The next block (of this expert, or the next one's first) into cache, a line per
+        // The next block (of this expert, or the next task's first) into cache, a line per
         // k step of the multiplies below.
-        const int64_t next = k0 + KB < I ? e * I + k0 + KB : e + 1 < e1 ? (e + 1) * I : E * I;
+        const int64_t next = k0 + KB < I ? e * I + k0 + KB : t + 1 < t1 ? parts[t + 1].e * I : E * I;
         const int64_t next_bytes = std::min(KB, E * I - next) * O * (int64_t)sizeof(W);
         const char* ahead = (const char*)(wp + next * O);
         int64_t fetched = 0;
@@ -523,7 +533,7 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
           for (int64_t m0 = 0; m0 < rows; m0 += MR) {
             const int R = (int)std::min<int64_t>(MR, rows - m0);
             const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, next_bytes - fetched));
-            micro_rows<T>(R, cols, xp + (b[e] + m0) * I + k0, I, k, &packed[p * panel_stride], acc, ahead + fetched,
+            micro_rows<T>(R, cols, xp + (row0 + m0) * I + k0, I, k, &packed[p * panel_stride], acc, ahead + fetched,
                           span);
             fetched += span;
             for (int r = 0; r < R; ++r) {
@@ -537,7 +547,7 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < O; c += 16) {
           const __mmask16 m = first_lanes(O - c);
-          store16(yp + (b[e] + r) * O + c, _mm512_loadu_ps(&sums[r * width + c]), m);
+          store16(yp + (row0 + r) * O + c, _mm512_loadu_ps(&sums[r * width + c]), m);
         }
     }
   });

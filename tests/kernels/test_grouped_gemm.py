@@ -304,8 +304,11 @@ def test_avx512_same_bits_whatever_the_thread_count(counts, dtype):
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
-    y_ref = reference_gmm(x.double(), w.double().transpose(1, 2), offsets)
-    torch.testing.assert_close(results[0][0].double(), y_ref, rtol=2**-8, atol=1e-3)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y_ref = reference_gmm(x64, w64.transpose(1, 2), offsets)
+    y_ref.backward(dy.double())  # w64.grad = dy^T x per group, gmm_at_b's [E, P, K]
+    for got, ref in zip(results[0], (y_ref, x64.grad, w64.grad), strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=1e-3)
 
 
 @on_cpu
