@@ -723,8 +723,10 @@ at::Tensor gmm_at_b(const at::Tensor& a, const at::Tensor& c, const at::Tensor& 
   return dw;
 }
 
-void add_row_ops(pybind11::module_& m);     // cpu_rows.cpp and cpu_router.cpp, built
-void add_router_ops(pybind11::module_& m);  // into the same module
+// cpu_rows.cpp, cpu_router.cpp and cpu_activation.cpp, built into the same module.
+void add_row_ops(pybind11::module_& m);
+void add_router_ops(pybind11::module_& m);
+void add_activation_ops(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gmm_x_wt", &gmm_x_wt, "y[g] = x[g] @ w[e]^T, w [E, O, I], in float32 if out_float32");
@@ -732,4 +734,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gmm_at_b", &gmm_at_b, "dw[e] = a[g]^T @ c[g], in float32 if out_float32");
   add_row_ops(m);
   add_router_ops(m);
+  add_activation_ops(m);
 }

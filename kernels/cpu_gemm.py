@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# One module: the grouped GEMMs, the dispatch rows and the router's scores.
-SOURCES = [str(Path(__file__).with_name(f"cpu_{part}.cpp")) for part in ("gemm", "rows", "router")]
+# One module: the grouped GEMMs, the dispatch rows, the router's scores and SwiGLU.
+PARTS = ("gemm", "rows", "router", "activation")
+SOURCES = [str(Path(__file__).with_name(f"cpu_{part}.cpp")) for part in PARTS]
 HEADER = Path(__file__).with_name("cpu_simd.h")
 # -fopenmp: at::parallel_for is inline OpenMP; the process shares torch's OpenMP runtime.
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]

@@ -11,6 +11,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe.kernels import cpu_activation
+
 from .config import ACTIVATIONS
 
 
@@ -20,8 +22,12 @@ def projection_rows(activation: str, d_ff: int) -> int:
 
 
 def activate(h_TH: Tensor, activation: str) -> Tensor:
-    """[T, H] -> [T, F]: SwiGLU ``silu(gate) * up`` over the two halves, or ReLU/GELU."""
+    """[T, H] -> [T, F]: SwiGLU ``silu(gate) * up`` over the two halves, or ReLU/GELU.
+    SwiGLU on the CPU in eager mode: our one-pass kernel (``moe.kernels.cpu_activation``),
+    for the dense FFN and the experts alike."""
     if activation == "swiglu":
+        if cpu_activation.usable(h_TH):
+            return cpu_activation.swiglu(h_TH)
         gate_TF, up_TF = h_TH.chunk(2, dim=-1)
         return F.silu(gate_TF) * up_TF
     if activation == "relu":
