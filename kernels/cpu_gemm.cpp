@@ -498,8 +498,9 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
   const T* xp = data<T>(x);
   const W* wp = data<W>(w);
   T* yp = data<T>(y);
-  // Tasks: an expert's rows, or a part of them where a group is far above the average
-  // (skewed routing), so that the threads can share it; each part streams the weight again.
+  // Tasks: an expert's rows, or parts of them where a group holds more than half a thread's
+  // share of all rows (skewed routing), so that the threads can share it; each part streams
+  // the weight again.
   struct Part {
     int64_t e, row0, rows;
   };
