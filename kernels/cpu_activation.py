@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import cpu_gemm
 
@@ -23,12 +24,10 @@ def usable(h_NH: Tensor) -> bool:
     return h_NH.dtype in (torch.bfloat16, torch.float32) and cpu_gemm.avx512_available()
 
 
-def swiglu(h_NH: Tensor) -> Tensor:
+def swiglu(h: Tensor) -> Tensor:
     """``silu(h[..., :F]) * h[..., F:]``, any leading dims."""
-    if h_NH.dim() == 2:
-        return _SwiGLU.apply(h_NH.contiguous())
-    a_NF = _SwiGLU.apply(h_NH.reshape(-1, h_NH.shape[-1]).contiguous())
-    return a_NF.view(*h_NH.shape[:-1], h_NH.shape[-1] // 2)
+    a_NF = _SwiGLU.apply(h.reshape(-1, h.shape[-1]).contiguous())
+    return a_NF if h.dim() == 2 else a_NF.view(*h.shape[:-1], -1)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -38,6 +37,7 @@ class _SwiGLU(torch.autograd.Function):
         return cpu_gemm.module().swiglu_forward(h_NH)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, da_NF):
         (h_NH,) = ctx.saved_tensors
-        return cpu_gemm.module().swiglu_backward(h_NH, da_NF.to(h_NH.dtype).contiguous())
+        return cpu_gemm.module().swiglu_backward(h_NH, da_NF.contiguous())

@@ -1,0 +1,23 @@
+"""Group layouts shared by the grouped-GEMM tests."""
+
+# (rows per expert, K, P): random loads, empty experts, one expert taking every row,
+# zero rows, a single row, odd sizes.
+CASES = {
+    "random": ([7, 0, 12, 3, 9], 16, 24),
+    "empty_experts": ([0, 0, 5, 0, 0, 0, 1, 0], 8, 16),
+    "one_expert_takes_all": ([0, 0, 23, 0], 12, 8),
+    "zero_rows": ([0, 0, 0], 8, 8),
+    "single_row": ([0, 1], 4, 4),
+    "odd_sizes": ([5, 0, 3], 13, 7),
+    "many_tiles": ([70, 1, 0, 130], 40, 72),
+    # Past every tile and block size of the avx512 kernels, odd in every dim.
+    "large_odd": ([201, 3, 0, 77, 33], 131, 301),
+    # Over 256 rows per expert on average: the forward packs the weight instead of the rows
+    # (cpu_gemm.cpp, gmm_x_wt: from 128) and the input gradient a panel of its columns at a
+    # time (gmm_x_w: from 128 or 256), also across NC-column and MR-row tiles; the weight
+    # gradient packs a group over 512 rows in parts (gmm_at_b).
+    "many_rows_per_expert": ([701, 0, 411], 131, 150),
+    # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
+    # gmm_x_w_streamed_into: 252 rows of 520 bfloat16, 126 float32), odd at the end.
+    "long_reduction": ([40, 0, 17, 65], 601, 520),
+}

@@ -1,0 +1,197 @@
+"""Our CPU kernels (the `avx512` backend, ``kernels/cpu_gemm.cpp``): their build, and their
+results against float64 on the same inputs, including what only they do (a float32 weight
+rounded inside, float32 outputs, thread ranges of equal cost)."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from moe.kernels import cpu_gemm, grouped_mm
+from moe.kernels.cpu_gemm import avx512_available
+
+from tests.kernels.gemm_cases import CASES
+from tests.reference import generator, on_cpu, reference_gmm
+
+needs_avx512 = pytest.mark.skipif(
+    not avx512_available(),
+    reason="the avx512 backend needs a CPU with AVX512-BF16 and a C++ compiler",
+)
+
+
+def test_avx512_kernels_build_where_the_cpu_and_toolchain_allow():
+    """The avx512 tests skip where the kernels are unavailable; a build that breaks on a
+    machine that can build them must fail here instead of turning them into skips."""
+    toolchain = shutil.which("c++") and (shutil.which("ninja") or importlib.util.find_spec("ninja"))
+    if not (cpu_gemm.cpu_has_avx512_bf16() and toolchain):
+        pytest.skip("no AVX512-BF16 CPU or no C++ compiler and ninja here")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_gemm._builds()  # builds, or warns why it could not
+    assert cpu_gemm.avx512_available(), [str(w.message) for w in caught]
+
+
+def test_kernels_build_under_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_gemm.build_directory().parent.parent == tmp_path
+
+
+@needs_avx512
+def test_a_lock_left_by_a_process_killed_while_loading_the_kernels_does_not_block():
+    """Every process that loads the kernels holds torch's lock file for a moment; a process
+    killed then (a preempted or crashed run) left it behind and every later run hung."""
+    directory = cpu_gemm.build_directory()
+    (directory / "lock").touch()  # what a SIGKILL inside torch's extension loader leaves
+    load = "from moe.kernels import cpu_gemm; cpu_gemm.module()"
+    out = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not (directory / "lock").exists()
+
+
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_avx512_matches_float64_on_the_same_inputs(case, transposed, dtype):
+    """The kernels multiply exactly and accumulate in float32, so against float64 on the
+    same inputs only the final rounding (bfloat16: 2^-9 relative) and float32 sums remain."""
+    counts, K, P = CASES[case]
+    E, N = len(counts), sum(counts)
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(N * 5 + K)
+    x = torch.randn(N, K, generator=g).to(dtype).requires_grad_()
+    shape = (E, P, K) if transposed else (E, K, P)
+    w_param = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+    w = w_param.transpose(1, 2) if transposed else w_param
+    dy = torch.randn(N, P, generator=g).to(dtype)
+
+    y = grouped_mm(x, w, offsets, backend="avx512")
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    wd = w_param.detach().double().requires_grad_()
+    y_ref = reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets)
+    if N:
+        y_ref.backward(dy.double())
+    tol = {"rtol": 2**-8, "atol": 1e-4} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.double(), xd.grad if N else torch.zeros_like(xd), **tol)
+    torch.testing.assert_close(w_param.grad.double(), wd.grad if N else torch.zeros_like(wd), **tol)
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.count_nonzero(w_param.grad[e]) == 0
+    assert w_param.grad.stride() == w_param.stride()
+
+
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_avx512_zeroes_rows_past_the_groups_and_rejects_other_dtypes(dtype):
+    x = torch.randn(20, 16).to(dtype).requires_grad_()
+    w = torch.randn(3, 16, 24).to(dtype).requires_grad_()
+    y = grouped_mm(x, w, torch.tensor([5, 5, 14], dtype=torch.int32), "avx512")
+    y.backward(torch.randn(20, 24).to(dtype))
+    assert torch.count_nonzero(y[14:]) == 0 and torch.count_nonzero(x.grad[14:]) == 0
+    assert torch.count_nonzero(y[:14]) > 0
+    with pytest.raises(ValueError, match="backend='avx512' runs bfloat16 and float32"):
+        x64, w64 = torch.randn(4, 16).double(), torch.randn(2, 16, 8).double()
+        grouped_mm(x64, w64, torch.tensor([1, 4]), "avx512")
+
+
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("case", ["large_odd", "many_rows_per_expert"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
+def test_avx512_rounds_a_float32_weight_inside_under_autocast(transposed, case):
+    """Under autocast a float32 weight goes to the kernels as it is: the same outputs and
+    input gradient as the bfloat16 copy autocast would make, bit for bit, and a float32
+    weight gradient with no bfloat16 rounding (float64-close to 1e-5, where the rounded one
+    is 2^-9 off)."""
+    counts, K, P = CASES[case]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(3)
+    x = torch.randn(sum(counts), K, generator=g)
+    w32 = torch.randn((len(counts), P, K) if transposed else (len(counts), K, P), generator=g)
+    dy = torch.randn(sum(counts), P, generator=g).bfloat16()
+    results = []
+    for w in (w32.clone(), w32.bfloat16()):
+        xg, wg = x.clone().requires_grad_(), w.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = grouped_mm(xg, wg.transpose(1, 2) if transposed else wg, offsets, "avx512")
+        y.backward(dy)
+        results.append((y, xg.grad, wg.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_bf16) = results
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert dw.dtype == torch.float32 and torch.equal(dw.bfloat16(), dw_bf16)
+    xd, wd = x.bfloat16().double(), w32.bfloat16().double().requires_grad_()
+    reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets).backward(dy.double())
+    torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-5, atol=1e-4)
+    assert (dw_bf16.double() - wd.grad).abs().max() > 1e-2  # what the round trip would cost
+
+
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("case", ["large_odd", "many_rows_per_expert", "empty_experts"])
+def test_avx512_forward_stores_float32_when_asked(case):
+    """The router's logits (kernels/cpu_router.py): bfloat16 operands, float32 output straight
+    from the accumulators, on both forward kernels (weight read in place, and packed from 128
+    rows per expert): float64-close to float32 sums, and rounded, the bfloat16 output."""
+    counts, K, P = CASES[case]
+    offsets = torch.cumsum(torch.tensor(counts), 0)
+    g = generator(5)
+    x = torch.randn(sum(counts), K, generator=g).bfloat16()
+    w_EPK = torch.randn(len(counts), P, K, generator=g).bfloat16()
+    kernels = cpu_gemm.module()
+    y = kernels.gmm_x_wt(x, w_EPK, offsets, True)
+    assert y.dtype == torch.float32
+    y_ref = reference_gmm(x.double(), w_EPK.double().transpose(1, 2), offsets)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.bfloat16(), kernels.gmm_x_wt(x, w_EPK, offsets, False))
+
+
+@needs_avx512
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize(
+    "counts",
+    # Skewed as routing is in training: one expert with most rows, empty ones between. The
+    # first averages under 128 rows per expert (forward: weight in place; input gradient:
+    # streamed), the second over (both pack the weight by panels).
+    [[300, 0, 2, 0, 1, 45, 0, 0, 7, 3], [1900, 0, 2, 0, 1, 150, 0, 9]],
+    ids=["few_rows", "many_rows"],
+)
+def test_avx512_same_bits_whatever_the_thread_count(counts, dtype):
+    """The kernels hand each thread a range of tasks of about equal cost (cpu_gemm.cpp,
+    parallel_by_cost). Every output element comes from one task whatever the ranges, so any
+    thread count gives the same bits; a task lost or run twice between ranges would not."""
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(11)
+    E, N, K, P = len(counts), sum(counts), 72, 136
+    x = torch.randn(N, K, generator=g).to(dtype)
+    w = torch.randn(E, P, K, generator=g).to(dtype)
+    dy = torch.randn(N, P, generator=g).to(dtype)
+    kernels = cpu_gemm.module()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            results.append(
+                (
+                    kernels.gmm_x_wt(x, w, offsets, False),
+                    kernels.gmm_x_w(dy, w, offsets),
+                    kernels.gmm_at_b(dy, x, offsets, False),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y_ref = reference_gmm(x64, w64.transpose(1, 2), offsets)
+    y_ref.backward(dy.double())  # w64.grad = dy^T x per group, gmm_at_b's [E, P, K]
+    for got, ref in zip(results[0], (y_ref, x64.grad, w64.grad), strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=1e-3)
