@@ -314,13 +314,14 @@ uint32_t* words(const at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data
 constexpr int64_t TASK_ROWS = 16;
 
 // body(t0, t1) over tasks [0, n) split into one contiguous range per thread of about equal
-// cost(t) (in rows; 0 for a task with nothing to do), not of equal count. Routing is skewed
-// in training: at the `small` preset's start one expert takes 2000 of a layer's 4096 rows
-// and half the experts 3900, so equal counts left one thread with nearly all the work.
-template <typename Cost, typename Body>
-void parallel_by_cost(int64_t n, Cost cost, Body body) {
+// cost, not of equal count: a task with rows(t) rows costs rows(t) + TASK_ROWS, an empty one
+// nothing. Routing is skewed in training: at the `small` preset's start one expert takes
+// 2000 of a layer's 4096 rows and half the experts 3900, so equal counts left one thread
+// with nearly all the work.
+template <typename Rows, typename Body>
+void parallel_by_rows(int64_t n, Rows rows, Body body) {
   std::vector<int64_t> prefix(n + 1, 0);
-  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + cost(t);
+  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + (rows(t) > 0 ? rows(t) + TASK_ROWS : 0);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   // Range i ends at the task boundary nearest to i / threads of the total cost.
   auto boundary = [&](int64_t i) -> int64_t {
@@ -390,11 +391,8 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
   const W* wp = data<W>(w);
   Out* yp = data<Out>(y);
   const int64_t blocks = (O + OB - 1) / OB;
-  auto cost = [&](int64_t t) {
-    const int64_t e = t / blocks, rows = (first_panel[e + 1] - first_panel[e]) * NR;
-    return rows == 0 ? 0 : rows + TASK_ROWS;
-  };
-  parallel_by_cost(E * blocks, cost, [&](int64_t t0, int64_t t1) {
+  auto rows = [&](int64_t t) { return (first_panel[t / blocks + 1] - first_panel[t / blocks]) * NR; };
+  parallel_by_rows(E * blocks, rows, [&](int64_t t0, int64_t t1) {
     __m512 acc[2 * MR];
     std::vector<T> rounded(std::is_same_v<T, W> ? 0 : OB * I);
     for (int64_t t = t0; t < t1; ++t) {
@@ -450,11 +448,8 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
   // Fewer (expert, column block) tasks than two per thread (the router's logits: one group,
   // one block): each also split by rows, each part packing its block again.
   const int64_t splits = std::max<int64_t>(1, 2 * at::get_num_threads() / std::max<int64_t>(1, E * blocks));
-  auto cost = [&](int64_t t) {
-    const int64_t e = t / splits / blocks, rows = b[e + 1] - b[e];
-    return rows == 0 ? 0 : rows / splits + TASK_ROWS;
-  };
-  parallel_by_cost(E * blocks * splits, cost, [&](int64_t t0, int64_t t1) {
+  auto task_rows = [&](int64_t t) { return (b[t / splits / blocks + 1] - b[t / splits / blocks]) / splits; };
+  parallel_by_rows(E * blocks * splits, task_rows, [&](int64_t t0, int64_t t1) {
     std::vector<uint32_t> panel(kwords * NC);
     __m512 acc[2 * MR];
     for (int64_t t = t0; t < t1; ++t) {
@@ -510,8 +505,7 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
     const int64_t rows = b[e + 1] - b[e], n = (rows + cap - 1) / cap;
     for (int64_t i = 0; i < n; ++i) parts.push_back({e, b[e] + rows * i / n, rows * (i + 1) / n - rows * i / n});
   }
-  auto cost = [&](int64_t t) { return parts[t].rows + TASK_ROWS; };
-  parallel_by_cost((int64_t)parts.size(), cost, [&](int64_t t0, int64_t t1) {
+  parallel_by_rows((int64_t)parts.size(), [&](int64_t t) { return parts[t].rows; }, [&](int64_t t0, int64_t t1) {
     // Panels a line more than a power of two apart: the packing writes all of them at once.
     const int64_t panel_stride = words_for<T>(KB) * NR + 16;
     std::vector<uint32_t> packed(panel_stride * panels);
@@ -620,8 +614,8 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
   });
   // Tasks: (expert, panel of NR rows of a^T). The a panel stays in cache while every
   // column panel of c passes by.
-  auto cost = [&](int64_t t) { return KW<T> * (first_word[t / p_panels + 1] - first_word[t / p_panels]) + TASK_ROWS; };
-  parallel_by_cost(E * p_panels, cost, [&](int64_t t0, int64_t t1) {
+  auto rows = [&](int64_t t) { return KW<T> * (first_word[t / p_panels + 1] - first_word[t / p_panels]); };
+  parallel_by_rows(E * p_panels, rows, [&](int64_t t0, int64_t t1) {
     __m512 acc[2 * MR];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = t / p_panels, pp = t % p_panels, kwords = first_word[e + 1] - first_word[e];

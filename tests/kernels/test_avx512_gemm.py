@@ -165,7 +165,7 @@ def test_avx512_forward_stores_float32_when_asked(case):
 )
 def test_avx512_same_bits_whatever_the_thread_count(counts, dtype):
     """The kernels hand each thread a range of tasks of about equal cost (cpu_gemm.cpp,
-    parallel_by_cost). Every output element comes from one task whatever the ranges, so any
+    parallel_by_rows). Every output element comes from one task whatever the ranges, so any
     thread count gives the same bits; a task lost or run twice between ranges would not."""
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     g = generator(11)
