@@ -33,9 +33,8 @@ inline __m512 sigmoid16(__m512 g) {
 }
 
 void check_h(const at::Tensor& h) {
-  const bool ok = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kFloat;
-  TORCH_CHECK(ok && h.dim() == 2 && h.size(1) % 2 == 0 && h.is_contiguous() && h.device().is_cpu(),
-              "h must be a contiguous [N, 2F] bfloat16 or float32 CPU tensor");
+  check_rows(h, "h");
+  TORCH_CHECK(h.size(1) % 2 == 0, "h must have an even number of columns (gate, then up)");
 }
 
 template <typename Body>

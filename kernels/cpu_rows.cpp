@@ -32,12 +32,6 @@ void with_row_types(const at::Tensor& src, at::ScalarType out, Body body) {
   else body(float{}, float{});
 }
 
-void check_rows(const at::Tensor& t, const char* name) {
-  const bool ok = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat;
-  TORCH_CHECK(ok && t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), name,
-              " must be a contiguous 2-d bfloat16 or float32 CPU tensor");
-}
-
 void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous int64 CPU tensor");

@@ -1,5 +1,6 @@
-// Helpers shared by our CPU kernels (cpu_gemm.cpp, cpu_rows.cpp, cpu_router.cpp): a tensor's
-// elements as bf16 or float, and 16 float32 lanes of AVX-512 loaded from and stored to them.
+// Helpers shared by our CPU kernels (cpu_gemm.cpp, cpu_rows.cpp, cpu_router.cpp,
+// cpu_activation.cpp): a tensor's elements as bf16 or float, 16 float32 lanes of AVX-512
+// loaded from and stored to them, and the check of a row tensor.
 //
 // torch's extension loader rebuilds when a source file or a flag changes, not a header:
 // cpu_gemm.py passes this file's digest as a flag.
@@ -47,4 +48,11 @@ inline void store16(float* p, __m512 v, __mmask16 m) {
 inline void store16(bf16* p, __m512 v, __mmask16 m) {
   if (m == 0xFFFF) _mm256_storeu_si256((__m256i*)p, to_bf16(v));
   else if (m) _mm256_mask_storeu_epi16(p, m, to_bf16(v));
+}
+
+// Rows as our row kernels take them: a contiguous 2-d bfloat16 or float32 CPU tensor.
+inline void check_rows(const at::Tensor& t, const char* name) {
+  const bool ok = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat;
+  TORCH_CHECK(ok && t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous 2-d bfloat16 or float32 CPU tensor");
 }
