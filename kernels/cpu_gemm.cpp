@@ -290,6 +290,14 @@ std::vector<int64_t> group_bounds(const at::Tensor& offsets) {
   return b;
 }
 
+// The experts one pass of a GEMM computes, where two kernels share the experts of one call
+// (gmm_x_wt): all of them when empty.
+using Experts = std::vector<char>;
+
+int64_t rows_of(const std::vector<int64_t>& b, const Experts& mine, int64_t e) {
+  return mine.empty() || mine[e] ? b[e + 1] - b[e] : 0;
+}
+
 bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
 void check(const at::Tensor& t, const char* name) {
@@ -360,10 +368,10 @@ struct GroupPanels {
 };
 
 template <typename T>
-GroupPanels pack_group_panels(const at::Tensor& x, const std::vector<int64_t>& b) {
+GroupPanels pack_group_panels(const at::Tensor& x, const std::vector<int64_t>& b, const Experts& mine) {
   const int64_t I = x.size(1), E = (int64_t)b.size() - 1, kwords = words_for<T>(I);
   std::vector<int64_t> first_panel(E + 1, 0);
-  for (int64_t e = 0; e < E; ++e) first_panel[e + 1] = first_panel[e] + (b[e + 1] - b[e] + NR - 1) / NR;
+  for (int64_t e = 0; e < E; ++e) first_panel[e + 1] = first_panel[e] + (rows_of(b, mine, e) + NR - 1) / NR;
   uint32_t* xt = words(scratch(first_panel[E] * kwords * NR, 0));  // kept: stays valid
   const T* xp = data<T>(x);
   // Each panel's first row and its group's end, so the packing splits by panel, not expert.
@@ -383,9 +391,10 @@ GroupPanels pack_group_panels(const at::Tensor& x, const std::vector<int64_t>& b
 }
 
 template <typename T, typename W, typename Out>
-void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
+void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y,
+                   const Experts& mine) {
   const int64_t I = x.size(1), E = w.size(0), O = w.size(1), kwords = words_for<T>(I);
-  const GroupPanels panels = pack_group_panels<T>(x, b);
+  const GroupPanels panels = pack_group_panels<T>(x, b, mine);
   const std::vector<int64_t>& first_panel = panels.first_panel;
   const uint32_t* xt = panels.xt;
   const W* wp = data<W>(w);
@@ -440,7 +449,7 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
 // fetched into cache for a thread's next task while the multiplies of its current one run.
 template <typename T, typename Out, typename Pack, typename Source>
 void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack,
-                   Source source) {
+                   Source source, const Experts& mine = {}) {
   const int64_t I = x.size(1), kwords = words_for<T>(I);
   const T* xp = data<T>(x);
   Out* yp = data<Out>(y);
@@ -448,12 +457,12 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
   // Fewer (expert, column block) tasks than two per thread (the router's logits: one group,
   // one block): each also split by rows, each part packing its block again.
   const int64_t splits = std::max<int64_t>(1, 2 * at::get_num_threads() / std::max<int64_t>(1, E * blocks));
-  auto task_rows = [&](int64_t t) { return (b[t / splits / blocks + 1] - b[t / splits / blocks]) / splits; };
+  auto task_rows = [&](int64_t t) { return rows_of(b, mine, t / splits / blocks) / splits; };
   parallel_by_rows(E * blocks * splits, task_rows, [&](int64_t t0, int64_t t1) {
     std::vector<uint32_t> panel(kwords * NC);
     __m512 acc[2 * MR];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t task = t / splits, part = t % splits, e = task / blocks, all_rows = b[e + 1] - b[e];
+      const int64_t task = t / splits, part = t % splits, e = task / blocks, all_rows = rows_of(b, mine, e);
       const int64_t c0 = task % blocks * NC, width = std::min<int64_t>(NC, O - c0);
       const int64_t r_begin = all_rows * part / splits, rows = all_rows * (part + 1) / splits - r_begin;
       if (rows == 0) continue;
@@ -564,7 +573,8 @@ void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<in
 // first, a task's rows at a time), so the rows are read in place and the output stored as it
 // lies, with no transposed tiles.
 template <typename T, typename W, typename Out>
-void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
+void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y,
+                          const Experts& mine) {
   const int64_t I = x.size(1), O = w.size(1), kwords = words_for<T>(I);
   const W* wp = data<W>(w);
   gmm_rows_into<T, Out>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
@@ -582,7 +592,7 @@ void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::v
       pack_transposed<T>(src + p * NR * I, I, std::min<int64_t>(NR, width - p * NR), I, panel + p * kwords * NR);
   }, [&](int64_t e, int64_t c0, int64_t width) {  // the task's weight rows: contiguous
     return std::pair<const char*, int64_t>{(const char*)(wp + (e * O + c0) * I), width * I * (int64_t)sizeof(W)};
-  });
+  }, mine);
 }
 
 // dw[e] = a[g]^T @ c[g] -> [E, P, Q] (the weight gradient), in the rows' dtype or, for a
@@ -666,19 +676,44 @@ void with_dtypes(const at::Tensor& x, const at::Tensor& w, Body body) {
 // expert on 0.86-0.97x the time (bfloat16 or float32 weight, bfloat16 or float32 rows; the
 // `small` preset's 128 rows at d=256 0.80-0.90x); at 64 level; at 32 1.00-1.16x. Without
 // the fetching ahead, packing took twice the time at 32-64 rows and lost below 256.
+constexpr int64_t PACKED_ROWS = 128;
+
+// Below that average, an expert's weight is still packed where its own rows make that
+// cheaper. In place, its rows go in 16-lane vectors, so a group costs whole 16-row blocks
+// (33 rows as much as 48); packed, its rows go 12 at a time through the micro-kernel after a
+// packing pass over its weight. Measured (forward, 2 cores, d=512, F=1024, 128 experts of r
+// rows each; time per expert in units of one in-place 16-row block): in place about
+// 0.2 + ceil(r/16) (r = 16, 32, 48, 64: 1.2, 2.0, 3.1, 4.1), packed 1 + ceil(r/12)/2 (2.0,
+// 2.4, 3.3, 4.2). Packed where that model says at least 10% less (33-36 rows, 49-60, 65 and
+// more), so that its errors cost little. Against reading every weight in place (A/B, 128
+// experts): uniform routing k=1 0.97-1.00x the time, k=2 0.93-0.95x; skewed (Dirichlet 0.3)
+// 0.87-0.94x. The other way, small experts read in place in a layer that averages 128 rows,
+// measured 1.02-1.04x at the `small` preset's shape with skewed routing, and is not done.
+bool pack_costs_less(int64_t rows) {
+  const double in_place = 0.2 + (double)((rows + 15) / 16), packed = 1.0 + 0.5 * (double)((rows + 11) / 12);
+  return packed < 0.9 * in_place;
+}
+
 // out_float32: y in float32 straight from the accumulators (the router's logits).
 at::Tensor gmm_x_wt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets, bool out_float32) {
   auto b = group_bounds(offsets);
   auto y = output_rows(x, w.size(1), b.back(), out_float32);
-  const int64_t rows_per_expert = x.size(0) / std::max<int64_t>(w.size(0), 1);
-  const bool pack_weight = rows_per_expert >= 128;
+  const int64_t E = w.size(0);
+  Experts packed(E), in_place(E);
+  int64_t n_packed = 0;
+  const bool pack_all = x.size(0) / std::max<int64_t>(E, 1) >= PACKED_ROWS;
+  for (int64_t e = 0; e < E; ++e) {
+    packed[e] = pack_all || pack_costs_less(b[e + 1] - b[e]);
+    in_place[e] = !packed[e];
+    n_packed += packed[e];
+  }
   with_dtypes(x, w, [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);
     auto run = [&](auto out) {
       using Out = decltype(out);
-      if (pack_weight) gmm_x_wt_packed_into<T, W, Out>(x, w, b, y);
-      else gmm_x_wt_into<T, W, Out>(x, w, b, y);
+      if (n_packed > 0) gmm_x_wt_packed_into<T, W, Out>(x, w, b, y, n_packed == E ? Experts{} : packed);
+      if (n_packed < E) gmm_x_wt_into<T, W, Out>(x, w, b, y, n_packed == 0 ? Experts{} : in_place);
     };
     if constexpr (std::is_same_v<T, float>) run(float{});
     else if (out_float32) run(float{});

@@ -17,6 +17,10 @@ CASES = {
     # time (gmm_x_w: from 128 or 256), also across NC-column and MR-row tiles; the weight
     # gradient packs a group over 512 rows in parts (gmm_at_b).
     "many_rows_per_expert": ([701, 0, 411], 131, 150),
+    # Under 128 rows per expert on average, where the forward reads each weight in place but
+    # packs it for the experts whose own rows make that cheaper (cpu_gemm.cpp,
+    # pack_costs_less: 34, 50 and 70 rows here), in two passes over one output.
+    "mixed_paths": ([3, 70, 34, 0, 50, 17], 24, 40),
     # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
     # gmm_x_w_streamed_into: 252 rows of 520 bfloat16, 126 float32), odd at the end.
     "long_reduction": ([40, 0, 17, 65], 601, 520),
