@@ -12,7 +12,7 @@
 // multiplies a broadcast pair of A with 16 pairs of B) or one float32 (`vfmadd`). A is read
 // where it lies (any row and word stride); B comes as a packed panel [k-words][32 columns].
 // The forward reads the weight in place as A where the experts average few rows and packs it
-// where they have many (gmm_x_wt); the input gradient packs the weight, a contiguous block of
+// where they have many, or where one expert's own rows make that cheaper (gmm_x_wt); the input gradient packs the weight, a contiguous block of
 // rows at a time where the experts have few rows, fetched ahead while the last block's
 // multiplies run (gmm_x_w); the weight gradient packs both inputs and writes its
 // weight-sized output once (gmm_at_b).
@@ -686,9 +686,10 @@ constexpr int64_t PACKED_ROWS = 128;
 // 0.2 + ceil(r/16) (r = 16, 32, 48, 64: 1.2, 2.0, 3.1, 4.1), packed 1 + ceil(r/12)/2 (2.0,
 // 2.4, 3.3, 4.2). Packed where that model says at least 10% less (33-36 rows, 49-60, 65 and
 // more), so that its errors cost little. Against reading every weight in place (A/B, 128
-// experts): uniform routing k=1 0.97-1.00x the time, k=2 0.93-0.95x; skewed (Dirichlet 0.3)
-// 0.87-0.94x. The other way, small experts read in place in a layer that averages 128 rows,
-// measured 1.02-1.04x at the `small` preset's shape with skewed routing, and is not done.
+// experts, both projections): uniform routing k=1 0.97-1.01x the time, k=2 0.94-0.95x;
+// skewed (Dirichlet 0.3) 0.85-0.93x. The other way, small experts read in place in a layer
+// that averages 128 rows, measured 1.02-1.04x at the `small` preset's shape with skewed
+// routing, and is not done.
 bool pack_costs_less(int64_t rows) {
   const double in_place = 0.2 + (double)((rows + 15) / 16), packed = 1.0 + 0.5 * (double)((rows + 11) / 12);
   return packed < 0.9 * in_place;
