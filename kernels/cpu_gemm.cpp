@@ -12,10 +12,10 @@
 // multiplies a broadcast pair of A with 16 pairs of B) or one float32 (`vfmadd`). A is read
 // where it lies (any row and word stride); B comes as a packed panel [k-words][32 columns].
 // The forward reads the weight in place as A where the experts average few rows and packs it
-// where they have many, or where one expert's own rows make that cheaper (gmm_x_wt); the input gradient packs the weight, a contiguous block of
-// rows at a time where the experts have few rows, fetched ahead while the last block's
-// multiplies run (gmm_x_w); the weight gradient packs both inputs and writes its
-// weight-sized output once (gmm_at_b).
+// where they have many, or where one expert's own rows make that cheaper (gmm_x_wt); the
+// input gradient packs the weight, a contiguous block of rows at a time where the experts
+// have few rows, fetched ahead while the last block's multiplies run (gmm_x_w); the weight
+// gradient packs both inputs and writes its weight-sized output once (gmm_at_b).
 //
 // Shape legend: N rows in expert order, E experts, I inner dim, O output dim.
 
