@@ -52,14 +52,16 @@ inline uint32_t load_word(const void* p) {
   return v;
 }
 
-// acc[2r], acc[2r+1] = row r of the tile. Word (r, kw) of A is at a + r*a_rs + kw*a_ks
+// c[r][v] = columns 16v..16v+15 of row r of the tile. Word (r, kw) of A is at a + r*a_rs + kw*a_ks
 // (strides in elements); k_odd (bfloat16 only) adds one last k whose partner is zero (B's
-// packed panel holds zeros there). NV = 1 computes the first 16 columns only (acc[2r]): for
+// packed panel holds zeros there). NV = 1 computes the first 16 columns only: for
 // a panel's last columns where 16 or fewer are wanted (experts with 33-48 rows would waste a
 // third of their forward's multiplies otherwise: 0.88-0.91x the time at 128 experts).
-template <typename T, int R, int NV>
-void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd,
-           const uint32_t* b, __m512* acc, const char* pf, int64_t pf_lines) {
+// epilogue(r, c[r]) takes each row of the tile from registers when the sums are done.
+template <typename T, int R, int NV, typename Epilogue>
+inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords,
+                                                      bool k_odd, const uint32_t* b, const char* pf,
+                                                      int64_t pf_lines, Epilogue epilogue) {
   // The loops over c outside the k loop are unrolled by pragma: otherwise GCC keeps c on the
   // stack, zeroing it there and copying it out through it after the k loop, about 80
   // cycles a call. Where the groups are short (the weight gradient at 128 experts: 16 k
@@ -94,8 +96,16 @@ void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd,
     if (k_odd) step(b + kwords * NR, [&](int r) { return (uint32_t)ak[r * a_rs]; });
   }
 #pragma GCC unroll 12
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[2 * r + v] = c[r][v];
+  for (int r = 0; r < R; ++r) epilogue(r, c[r]);
+}
+
+// The tile to acc: acc[2r], acc[2r+1] = row r.
+template <typename T, int R, int NV>
+void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd, const uint32_t* b, __m512* acc,
+           const char* pf, int64_t pf_lines) {
+  micro_tile<T, R, NV>(a, a_rs, a_ks, kwords, k_odd, b, pf, pf_lines, [&](int r, const __m512(&row)[NV]) {
+    for (int v = 0; v < NV; ++v) acc[2 * r + v] = row[v];
+  });
 }
 
 template <typename T>
@@ -130,27 +140,44 @@ void store_tile(const __m512* acc, int rows, int cols, Out* c, int64_t ldc) {
   }
 }
 
-// A full tile (NR columns) with streaming stores, which write memory without reading the
-// lines first; where a row is not 64-byte aligned, ordinary stores.
-void stream_tile(const __m512* acc, int rows, bf16* c, int64_t ldc) {
-  for (int r = 0; r < rows; ++r) {
-    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(acc[2 * r + 1], acc[2 * r]);
-    if (reinterpret_cast<uintptr_t>(c + r * ldc) % 64 == 0) _mm512_stream_si512((__m512i*)(c + r * ldc), v);
-    else _mm512_storeu_si512(c + r * ldc, v);
+// A full row of a tile (NR columns) with streaming stores, which write memory without
+// reading the lines first; where the row is not 64-byte aligned, ordinary stores.
+inline void stream_row(bf16* c, __m512 lo, __m512 hi) {
+  __m512i v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  if (reinterpret_cast<uintptr_t>(c) % 64 == 0) _mm512_stream_si512((__m512i*)c, v);
+  else _mm512_storeu_si512(c, v);
+}
+
+inline void stream_row(float* c, __m512 lo, __m512 hi) {
+  if (reinterpret_cast<uintptr_t>(c) % 64 == 0) {
+    _mm512_stream_ps(c, lo);
+    _mm512_stream_ps(c + 16, hi);
+  } else {
+    _mm512_storeu_ps(c, lo);
+    _mm512_storeu_ps(c + 16, hi);
   }
 }
 
-void stream_tile(const __m512* acc, int rows, float* c, int64_t ldc) {
-  for (int r = 0; r < rows; ++r) {
-    if (reinterpret_cast<uintptr_t>(c + r * ldc) % 64 == 0) {
-      _mm512_stream_ps(c + r * ldc, acc[2 * r]);
-      _mm512_stream_ps(c + r * ldc + 16, acc[2 * r + 1]);
-    } else {
-      _mm512_storeu_ps(c + r * ldc, acc[2 * r]);
-      _mm512_storeu_ps(c + r * ldc + 16, acc[2 * r + 1]);
-    }
-  }
+// The micro-kernel for a full tile streamed to c (row stride ldc) straight from registers:
+// the weight gradient's, whose tiles at 128 experts sum only 16 k-words each, so that a
+// pass through acc would cost a tenth of the multiplies.
+template <typename T, typename Out, int R>
+void micro_stream(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, const uint32_t* b, Out* c, int64_t ldc) {
+  micro_tile<T, R, 2>(a, a_rs, a_ks, kwords, false, b, nullptr, 0,
+                      [&](int r, const __m512(&row)[2]) { stream_row(c + r * ldc, row[0], row[1]); });
 }
+
+template <typename T, typename Out>
+using StreamFn = void (*)(const T*, int64_t, int64_t, int64_t, const uint32_t*, Out*, int64_t);
+
+template <typename T, typename Out, size_t... Rs>
+constexpr std::array<StreamFn<T, Out>, MR + 1> stream_table(std::index_sequence<Rs...>) {
+  return {nullptr, &micro_stream<T, Out, Rs + 1>...};
+}
+
+// MICRO_STREAM<T, Out>[R]: micro_stream for R rows.
+template <typename T, typename Out>
+constexpr std::array<StreamFn<T, Out>, MR + 1> MICRO_STREAM = stream_table<T, Out>(std::make_index_sequence<MR>{});
 
 // Sixteen rows of 16 float32 transposed in registers: afterwards r[j] holds column j.
 void transpose16(__m512* r) {
@@ -649,11 +676,15 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
           // Word kw of row r of a^T is word kw*NR + r % NR of its panel.
           const int R = (int)std::min<int64_t>(MR, r_end - r0);
           const T* a_rows = reinterpret_cast<const T*>(a_panel + r0 % NR);
-          MICRO<T>[cols <= 16][R](a_rows, KW<T>, KW<T> * NR, kwords, false, c_e + q * kwords * NR, acc, nullptr, 0);
+          const uint32_t* c_panel = c_e + q * kwords * NR;
           // The gradient is weight-sized and written once: past the caches at E=128 (a
           // streaming store saves the read of each line: 3-10% of this GEMM there).
-          if (cols == NR) stream_tile(acc, R, out + r0 * Q + q * NR, Q);
-          else store_tile(acc, R, cols, out + r0 * Q + q * NR, Q);
+          if (cols == NR) {
+            MICRO_STREAM<T, Out>[R](a_rows, KW<T>, KW<T> * NR, kwords, c_panel, out + r0 * Q + q * NR, Q);
+          } else {
+            MICRO<T>[cols <= 16][R](a_rows, KW<T>, KW<T> * NR, kwords, false, c_panel, acc, nullptr, 0);
+            store_tile(acc, R, cols, out + r0 * Q + q * NR, Q);
+          }
         }
       }
     }
