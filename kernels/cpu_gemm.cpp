@@ -52,16 +52,68 @@ inline uint32_t load_word(const void* p) {
   return v;
 }
 
+// B as the micro-kernel reads it: a packed panel [k-words][NR columns] (zeros past the last
+// k and the last column).
+struct PackedPanel {
+  const uint32_t* b;
+  template <int NV>
+  void load(int64_t kw, bool, __m512i (&bv)[NV]) const {
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + kw * NR + 16 * v);
+  }
+  static void in_order(const __m512 (&row)[2], __m512& lo, __m512& hi) {
+    lo = row[0];
+    hi = row[1];
+  }
+};
+
+// B as it lies: rows of the weight (row stride ld, k down the rows), the first cols <= NR
+// columns, so that nothing is packed. A bfloat16 word row is built in registers from two
+// rows (vpunpck{l,h}wd), which pairs the columns within 128-bit quarters: c[r][0] gets
+// columns 0-3, 8-11, 16-19, 24-27 and c[r][1] the others (in_order puts them back).
+template <typename T>
+struct WeightRows {
+  const T* b;
+  int64_t ld;
+  int cols;
+  template <int NV>
+  void load(int64_t kw, bool last_odd, __m512i (&bv)[NV]) const {
+    static_assert(NV == 2, "a full panel");
+    if constexpr (std::is_same_v<T, bf16>) {
+      const __mmask32 m = cols >= 32 ? ~0u : (1u << cols) - 1;
+      const bf16* row = b + 2 * kw * ld;
+      const __m512i lo = _mm512_maskz_loadu_epi16(m, row);
+      const __m512i hi = last_odd ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(m, row + ld);
+      bv[0] = _mm512_unpacklo_epi16(lo, hi);
+      bv[1] = _mm512_unpackhi_epi16(lo, hi);
+    } else {
+      const float* row = b + kw * ld;
+      bv[0] = _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(cols), row));
+      bv[1] = _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(cols - 16), row + 16));
+    }
+  }
+  static void in_order(const __m512 (&row)[2], __m512& lo, __m512& hi) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      const __m512i hi_idx = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+      lo = _mm512_permutex2var_ps(row[0], lo_idx, row[1]);
+      hi = _mm512_permutex2var_ps(row[0], hi_idx, row[1]);
+    } else {
+      lo = row[0];
+      hi = row[1];
+    }
+  }
+};
+
 // c[r][v] = columns 16v..16v+15 of row r of the tile. Word (r, kw) of A is at a + r*a_rs + kw*a_ks
-// (strides in elements); k_odd (bfloat16 only) adds one last k whose partner is zero (B's
-// packed panel holds zeros there). NV = 1 computes the first 16 columns only: for
-// a panel's last columns where 16 or fewer are wanted (experts with 33-48 rows would waste a
-// third of their forward's multiplies otherwise: 0.88-0.91x the time at 128 experts).
-// epilogue(r, c[r]) takes each row of the tile from registers when the sums are done.
-template <typename T, int R, int NV, typename Epilogue>
+// (strides in elements); k_odd (bfloat16 only) adds one last k whose partner is zero. NV = 1
+// computes the first 16 columns only: for a panel's last columns where 16 or fewer are wanted
+// (experts with 33-48 rows would waste a third of their forward's multiplies otherwise:
+// 0.88-0.91x the time at 128 experts). epilogue(r, c[r]) takes each row of the tile from
+// registers when the sums are done.
+template <typename T, int R, int NV, typename B, typename Epilogue>
 inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords,
-                                                      bool k_odd, const uint32_t* b, const char* pf,
-                                                      int64_t pf_lines, Epilogue epilogue) {
+                                                      bool k_odd, const B& b, const char* pf, int64_t pf_lines,
+                                                      Epilogue epilogue) {
   // The loops over c outside the k loop are unrolled by pragma: otherwise GCC keeps c on the
   // stack, zeroing it there and copying it out through it after the k loop, about 80
   // cycles a call. Where the groups are short (the weight gradient at 128 experts: 16 k
@@ -70,10 +122,10 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
-  // One k step: B's word row bk times A's words a_word(r), row by row.
-  auto step = [&](const uint32_t* bk, auto a_word) {
+  // One k step: B's word row kw times A's words a_word(r), row by row.
+  auto step = [&](int64_t kw, bool last_odd, auto a_word) {
     __m512i bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(bk + 16 * v);
+    b.load(kw, last_odd, bv);
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
       if constexpr (std::is_same_v<T, bf16>) {
@@ -88,12 +140,12 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
   for (int64_t kw = 0; kw < kwords; ++kw) {
     const T* ak = a + kw * a_ks;
     if (kw < pf_lines) _mm_prefetch(pf + 64 * kw, _MM_HINT_T0);
-    if constexpr (std::is_same_v<T, bf16>) step(b + kw * NR, [&](int r) { return load_word(ak + r * a_rs); });
-    else step(b + kw * NR, [&](int r) { return ak[r * a_rs]; });
+    if constexpr (std::is_same_v<T, bf16>) step(kw, false, [&](int r) { return load_word(ak + r * a_rs); });
+    else step(kw, false, [&](int r) { return ak[r * a_rs]; });
   }
   if constexpr (std::is_same_v<T, bf16>) {
     const bf16* ak = a + kwords * a_ks;
-    if (k_odd) step(b + kwords * NR, [&](int r) { return (uint32_t)ak[r * a_rs]; });
+    if (k_odd) step(kwords, true, [&](int r) { return (uint32_t)ak[r * a_rs]; });
   }
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) epilogue(r, c[r]);
@@ -103,7 +155,7 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
 template <typename T, int R, int NV>
 void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd, const uint32_t* b, __m512* acc,
            const char* pf, int64_t pf_lines) {
-  micro_tile<T, R, NV>(a, a_rs, a_ks, kwords, k_odd, b, pf, pf_lines, [&](int r, const __m512(&row)[NV]) {
+  micro_tile<T, R, NV>(a, a_rs, a_ks, kwords, k_odd, PackedPanel{b}, pf, pf_lines, [&](int r, const __m512(&row)[NV]) {
     for (int v = 0; v < NV; ++v) acc[2 * r + v] = row[v];
   });
 }
@@ -163,7 +215,7 @@ inline void stream_row(float* c, __m512 lo, __m512 hi) {
 // pass through acc would cost a tenth of the multiplies.
 template <typename T, typename Out, int R>
 void micro_stream(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, const uint32_t* b, Out* c, int64_t ldc) {
-  micro_tile<T, R, 2>(a, a_rs, a_ks, kwords, false, b, nullptr, 0,
+  micro_tile<T, R, 2>(a, a_rs, a_ks, kwords, false, PackedPanel{b}, nullptr, 0,
                       [&](int r, const __m512(&row)[2]) { stream_row(c + r * ldc, row[0], row[1]); });
 }
 
@@ -178,6 +230,32 @@ constexpr std::array<StreamFn<T, Out>, MR + 1> stream_table(std::index_sequence<
 // MICRO_STREAM<T, Out>[R]: micro_stream for R rows.
 template <typename T, typename Out>
 constexpr std::array<StreamFn<T, Out>, MR + 1> MICRO_STREAM = stream_table<T, Out>(std::make_index_sequence<MR>{});
+
+// The micro-kernel for a full panel added to float32 sums (row stride lds): the input
+// gradient's at few rows per expert, B a packed panel or a weight's rows as they lie.
+template <typename T, typename B, int R>
+void micro_add(const T* a, int64_t a_rs, int64_t kwords, bool k_odd, B b, const char* pf, int64_t pf_lines,
+               float* sums, int64_t lds) {
+  micro_tile<T, R, 2>(a, a_rs, KW<T>, kwords, k_odd, b, pf, pf_lines, [&](int r, const __m512(&row)[2]) {
+    __m512 lo, hi;
+    B::in_order(row, lo, hi);
+    float* s = sums + r * lds;
+    _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), lo));
+    _mm512_storeu_ps(s + 16, _mm512_add_ps(_mm512_loadu_ps(s + 16), hi));
+  });
+}
+
+template <typename T, typename B>
+using AddFn = void (*)(const T*, int64_t, int64_t, bool, B, const char*, int64_t, float*, int64_t);
+
+template <typename T, typename B, size_t... Rs>
+constexpr std::array<AddFn<T, B>, MR + 1> add_table(std::index_sequence<Rs...>) {
+  return {nullptr, &micro_add<T, B, Rs + 1>...};
+}
+
+// MICRO_ADD<T, B>[R]: micro_add for R rows.
+template <typename T, typename B>
+constexpr std::array<AddFn<T, B>, MR + 1> MICRO_ADD = add_table<T, B>(std::make_index_sequence<MR>{});
 
 // Sixteen rows of 16 float32 transposed in registers: afterwards r[j] holds column j.
 void transpose16(__m512* r) {
@@ -521,11 +599,14 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
 constexpr int64_t BLOCK_BYTES = 256 << 10;  // of the weight per block in gmm_x_w_streamed_into
 
 // y[g] = x[g] @ w[e] with w [E, I, O] contiguous, for experts with few rows (see gmm_x_w):
-// the weight packed a block of KB rows at a time across all its columns (contiguous, fetched
-// into cache while the previous block's multiplies run), the group's sums kept in float32
-// between blocks. Packing a panel of columns over all rows (gmm_x_w_into) reads the weight
-// in strided pieces, well below the memory's speed, with nothing to overlap it: at 32 rows
-// per expert that took as long as the multiplies.
+// the weight a block of KB rows at a time across all its columns (contiguous, fetched into
+// cache while the previous block's multiplies run), the group's sums kept in float32 between
+// blocks. Packing a panel of columns over all rows (gmm_x_w_into) reads the weight in strided
+// pieces, well below the memory's speed, with nothing to overlap it: at 32 rows per expert
+// that took as long as the multiplies. A weight in the rows' dtype is read as it lies
+// (WeightRows); packing each block first was 20% of this GEMM at 128 experts (A/B, both
+// projections, k=1: 0.84-0.87x the time without it, k=2 0.91x). A float32 weight under
+// bfloat16 rows is packed, rounded as it goes.
 template <typename T, typename W>
 void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), E = w.size(0), O = w.size(2);
@@ -548,17 +629,17 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
     for (int64_t i = 0; i < n; ++i) parts.push_back({e, b[e] + rows * i / n, rows * (i + 1) / n - rows * i / n});
   }
   parallel_by_rows((int64_t)parts.size(), [&](int64_t t) { return parts[t].rows; }, [&](int64_t t0, int64_t t1) {
+    constexpr bool in_place = std::is_same_v<T, W>;
     // Panels a line more than a power of two apart: the packing writes all of them at once.
     const int64_t panel_stride = words_for<T>(KB) * NR + 16;
-    std::vector<uint32_t> packed(panel_stride * panels);
+    std::vector<uint32_t> packed(in_place ? 0 : panel_stride * panels);
     std::vector<float> sums;
-    __m512 acc[2 * MR] = {};  // a 16-column tile leaves its second half as it was
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t e = parts[t].e, row0 = parts[t].row0, rows = parts[t].rows;
       sums.assign(rows * width, 0.0f);
       for (int64_t k0 = 0; k0 < I; k0 += KB) {
         const int64_t k = std::min(KB, I - k0), kwords = words_for<T>(k);
-        pack_rows_by_row<T>(wp + (e * I + k0) * O, O, k, O, packed.data(), panel_stride);
+        if constexpr (!in_place) pack_rows_by_row<T>(wp + (e * I + k0) * O, O, k, O, packed.data(), panel_stride);
         // The next block (of this expert, or the next task's first) into cache, a line per
         // k step of the multiplies below.
         const int64_t next = k0 + KB < I ? e * I + k0 + KB : t + 1 < t1 ? parts[t + 1].e * I : E * I;
@@ -570,13 +651,18 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
           for (int64_t m0 = 0; m0 < rows; m0 += MR) {
             const int R = (int)std::min<int64_t>(MR, rows - m0);
             const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, next_bytes - fetched));
-            micro_rows<T>(R, cols, xp + (row0 + m0) * I + k0, I, k, &packed[p * panel_stride], acc, ahead + fetched,
-                          span);
+            const T* a = xp + (row0 + m0) * I + k0;
+            const char* pf = ahead + fetched;
+            const int64_t pf_lines = (span + 63) / 64;
             fetched += span;
-            for (int r = 0; r < R; ++r) {
-              float* s = &sums[(m0 + r) * width + p * NR];
-              _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), acc[2 * r]));
-              _mm512_storeu_ps(s + 16, _mm512_add_ps(_mm512_loadu_ps(s + 16), acc[2 * r + 1]));
+            float* s = &sums[m0 * width + p * NR];
+            const bool k_odd = KW<T> == 2 && (k & 1);
+            if constexpr (in_place) {
+              const WeightRows<T> rows_b{wp + (e * I + k0) * O + p * NR, O, cols};
+              MICRO_ADD<T, WeightRows<T>>[R](a, I, k / KW<T>, k_odd, rows_b, pf, pf_lines, s, width);
+            } else {
+              const PackedPanel panel{&packed[p * panel_stride]};
+              MICRO_ADD<T, PackedPanel>[R](a, I, k / KW<T>, k_odd, panel, pf, pf_lines, s, width);
             }
           }
         }
