@@ -160,18 +160,22 @@ void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd, c
   });
 }
 
-template <typename T>
-using MicroFn = void (*)(const T*, int64_t, int64_t, int64_t, bool, const uint32_t*, __m512*, const char*, int64_t);
-
-template <typename T, int NV, size_t... Rs>
-constexpr std::array<MicroFn<T>, MR + 1> micro_table(std::index_sequence<Rs...>) {
-  return {nullptr, &micro<T, Rs + 1, NV>...};
+// {nullptr, instance(1), ..., instance(MR)}: a kernel's instance for each row count, to pick
+// at run time; instance(r) returns the one for r rows (an std::integral_constant).
+template <typename Instance, size_t... Rs>
+constexpr auto by_rows(Instance instance, std::index_sequence<Rs...>) {
+  using Fn = decltype(instance(std::integral_constant<int, 1>{}));
+  return std::array<Fn, MR + 1>{nullptr, instance(std::integral_constant<int, Rs + 1>{})...};
+}
+template <typename Instance>
+constexpr auto by_rows(Instance instance) {
+  return by_rows(instance, std::make_index_sequence<MR>{});
 }
 
 // MICRO<T>[cols <= 16][R]: the micro-kernel for R rows and up to 32 (or 16) columns.
 template <typename T>
-constexpr std::array<std::array<MicroFn<T>, MR + 1>, 2> MICRO = {
-    micro_table<T, 2>(std::make_index_sequence<MR>{}), micro_table<T, 1>(std::make_index_sequence<MR>{})};
+constexpr std::array MICRO = {by_rows([](auto r) { return &micro<T, decltype(r)::value, 2>; }),
+                              by_rows([](auto r) { return &micro<T, decltype(r)::value, 1>; })};
 
 // A micro-kernel call on R rows of A stored row-major (row stride ld, k along the row), for
 // the first cols columns of the panel b.
@@ -219,17 +223,9 @@ void micro_stream(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, const 
                       [&](int r, const __m512(&row)[2]) { stream_row(c + r * ldc, row[0], row[1]); });
 }
 
-template <typename T, typename Out>
-using StreamFn = void (*)(const T*, int64_t, int64_t, int64_t, const uint32_t*, Out*, int64_t);
-
-template <typename T, typename Out, size_t... Rs>
-constexpr std::array<StreamFn<T, Out>, MR + 1> stream_table(std::index_sequence<Rs...>) {
-  return {nullptr, &micro_stream<T, Out, Rs + 1>...};
-}
-
 // MICRO_STREAM<T, Out>[R]: micro_stream for R rows.
 template <typename T, typename Out>
-constexpr std::array<StreamFn<T, Out>, MR + 1> MICRO_STREAM = stream_table<T, Out>(std::make_index_sequence<MR>{});
+constexpr auto MICRO_STREAM = by_rows([](auto r) { return &micro_stream<T, Out, decltype(r)::value>; });
 
 // The micro-kernel for a full panel added to float32 sums (row stride lds): the input
 // gradient's at few rows per expert, B a packed panel or a weight's rows as they lie.
@@ -245,17 +241,9 @@ void micro_add(const T* a, int64_t a_rs, int64_t kwords, bool k_odd, B b, const 
   });
 }
 
-template <typename T, typename B>
-using AddFn = void (*)(const T*, int64_t, int64_t, bool, B, const char*, int64_t, float*, int64_t);
-
-template <typename T, typename B, size_t... Rs>
-constexpr std::array<AddFn<T, B>, MR + 1> add_table(std::index_sequence<Rs...>) {
-  return {nullptr, &micro_add<T, B, Rs + 1>...};
-}
-
 // MICRO_ADD<T, B>[R]: micro_add for R rows.
 template <typename T, typename B>
-constexpr std::array<AddFn<T, B>, MR + 1> MICRO_ADD = add_table<T, B>(std::make_index_sequence<MR>{});
+constexpr auto MICRO_ADD = by_rows([](auto r) { return &micro_add<T, B, decltype(r)::value>; });
 
 // Sixteen rows of 16 float32 transposed in registers: afterwards r[j] holds column j.
 void transpose16(__m512* r) {
