@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
+
 import torch.distributed as dist
 
 from .layout import ParallelLayout
@@ -19,6 +23,7 @@ def deepspeed_layout(ep: int) -> ParallelLayout:
     from deepspeed.utils import groups
 
     deepspeed.init_distributed()  # wraps the process group we initialized
+    release_shared_buffer_name(rank=dist.get_rank())
     groups._create_expert_and_data_parallel(ep)
     world, rank = dist.get_world_size(), dist.get_rank()
     ep_group = groups._get_expert_parallel_group(group_name(ep))
@@ -29,3 +34,17 @@ def deepspeed_layout(ep: int) -> ParallelLayout:
     if found != expected:
         raise RuntimeError(f"DeepSpeed's expert groups {found} differ from ours {expected}")
     return ParallelLayout(world, rank, ep, ep_group, expert_dp_group)
+
+
+def release_shared_buffer_name(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one machine) maps one 69 MB shared-memory
+    buffer per rank, named after MASTER_ADDR and MASTER_PORT, and never unlinks it: each
+    run would leave its ranks' buffers in /dev/shm, which is RAM, until the machine
+    reboots. Once every rank has opened every buffer (``init_distributed`` returned on all:
+    the barrier), each rank unlinks its own name; the mappings live until the processes
+    exit."""
+    dist.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    with contextlib.suppress(FileNotFoundError):
+        (Path("/dev/shm") / name).unlink()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,10 @@ def deepspeed_launcher(tmp_path, run_dir, overrides):
     cmd = ["bash", "launch/deepspeed.sh", str(hostfile), *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce names a shared-memory buffer per rank after the port and
+    # never removes it; the run must leave none of them behind in /dev/shm (RAM).
+    leftovers = Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*")
+    assert not list(leftovers)
     return out
 
 
