@@ -43,6 +43,10 @@ def release_shared_buffer_name(rank: int) -> None:
     reboots. Once every rank has opened every buffer (``init_distributed`` returned on all:
     the barrier), each rank unlinks its own name; the mappings live until the processes
     exit."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":  # only DeepSpeed's CPU accelerator has it
+        return
     dist.barrier()
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
