@@ -651,13 +651,11 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
             fetched += span;
             float* s = &sums[m0 * width + p * NR];
             const bool k_odd = KW<T> == 2 && (k & 1);
-            if constexpr (in_place) {
-              const WeightRows<T> rows_b{wp + (e * I + k0) * O + p * NR, O, cols};
-              MICRO_ADD<T, WeightRows<T>>[R](a, I, k / KW<T>, k_odd, rows_b, pf, pf_lines, s, width);
-            } else {
-              const PackedPanel panel{&packed[p * panel_stride]};
-              MICRO_ADD<T, PackedPanel>[R](a, I, k / KW<T>, k_odd, panel, pf, pf_lines, s, width);
-            }
+            auto add_tile = [&](auto b) {
+              MICRO_ADD<T, decltype(b)>[R](a, I, k / KW<T>, k_odd, b, pf, pf_lines, s, width);
+            };
+            if constexpr (in_place) add_tile(WeightRows<T>{wp + (e * I + k0) * O + p * NR, O, cols});
+            else add_tile(PackedPanel{&packed[p * panel_stride]});
           }
         }
       }

@@ -23,9 +23,9 @@ def deepspeed_layout(ep: int) -> ParallelLayout:
     from deepspeed.utils import groups
 
     deepspeed.init_distributed()  # wraps the process group we initialized
-    release_shared_buffer_name(rank=dist.get_rank())
-    groups._create_expert_and_data_parallel(ep)
     world, rank = dist.get_world_size(), dist.get_rank()
+    release_shared_buffer_name(rank)
+    groups._create_expert_and_data_parallel(ep)
     ep_group = groups._get_expert_parallel_group(group_name(ep))
     expert_dp_group = groups._get_expert_data_parallel_group(group_name(ep))
     first = rank - rank % ep
