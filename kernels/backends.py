@@ -13,7 +13,8 @@ Every backend provides:
 
 Names: ``loop`` (per-expert ``mm``, the reference), ``torch``
 (``torch.nn.functional.grouped_mm``), ``triton`` (our GPU kernels), ``avx512`` (our
-bfloat16 and float32 CPU kernels, ``cpu_gemm.cpp``), and ``auto``, which picks per
+bfloat16 and float32 CPU kernels, ``cpu_gemm.cpp``), ``avx2`` (the same for CPUs without
+AVX-512, ``cpu_gemm_avx2.cpp``), and ``auto``, which picks per
 primitive what is fastest and correct for the device and dtype.
 """
 
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_gemm
+from . import cpu_gemm, cpu_gemm_avx2
 
-BACKENDS = ("auto", "loop", "torch", "triton", "avx512")
+BACKENDS = ("auto", "loop", "torch", "triton", "avx512", "avx2")
 # torch 2.11 runs float32 grouped_mm on CUDA (exact, no TF32; checked on an H100 with this
 # suite); older builds take bfloat16 only there.
 _CUDA_FLOAT32_GROUPED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
@@ -175,6 +176,7 @@ LOOP = GemmBackend("loop", loop_gmm, loop_gmm_wgrad)
 TORCH = GemmBackend("torch", torch_gmm, torch_gmm_wgrad)
 TRITON = GemmBackend("triton", triton_gmm, triton_gmm_wgrad)
 AVX512 = GemmBackend("avx512", cpu_gemm.gmm, cpu_gemm.gmm_wgrad)
+AVX2 = GemmBackend("avx2", cpu_gemm_avx2.gmm, cpu_gemm_avx2.gmm_wgrad)
 
 
 def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
@@ -187,6 +189,8 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
         return TRITON
     if name == "avx512":
         return AVX512
+    if name == "avx2":
+        return AVX2
     if name != "auto":
         raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {BACKENDS}")
     if x_NI.is_cuda:
@@ -206,4 +210,6 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
     # concatenates per-group results and whose weight gradient is 2-4x slower.
     if cpu_gemm.supports(x_NI):
         return AVX512
+    if cpu_gemm_avx2.supports(x_NI):
+        return AVX2
     return LOOP

@@ -13,24 +13,20 @@ dispatch and router operations.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import os
-import shutil
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import cpu_build
+
 # One module: the grouped GEMMs, the dispatch rows, the router's scores and SwiGLU.
 PARTS = ("gemm", "rows", "router", "activation")
 SOURCES = [str(Path(__file__).with_name(f"cpu_{part}.cpp")) for part in PARTS]
 HEADER = Path(__file__).with_name("cpu_simd.h")
-# -fopenmp: at::parallel_for is inline OpenMP; the process shares torch's OpenMP runtime.
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 
 def build_flags() -> list[str]:
@@ -41,61 +37,13 @@ def build_flags() -> list[str]:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no build flags for it either
-        return False
-    flag_lines = (line for line in cpuinfo.splitlines() if line.startswith("flags"))
-    return any("avx512_bf16" in line.split() for line in flag_lines)
+    return "avx512_bf16" in cpu_build.cpu_flags()
 
 
 @functools.cache
 def module():
     """The compiled module of every source in SOURCES, built here the first time."""
-    from torch.utils.cpp_extension import load
-
-    if shutil.which("ninja") is None:  # a virtual environment used without activating it
-        with contextlib.suppress(ImportError):
-            import ninja  # the PyPI package, a dependency
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    with _held(directory / "moe.flock"):
-        # torch's own lock is a plain file that every loading process creates and deletes,
-        # even when nothing needs building: a process killed inside `load` leaves it behind
-        # and every later process waits for it forever. Under our lock, which the OS
-        # releases when its holder dies, no live process can own it: it is stale.
-        (directory / "lock").unlink(missing_ok=True)
-        return load(
-            name="moe_cpu_gemm",
-            sources=SOURCES,
-            extra_cflags=build_flags(),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-        )
-
-
-def build_directory() -> Path:
-    """Where the kernels are built and cached: under ``TORCH_EXTENSIONS_DIR`` if set, else
-    under torch's default (``~/.cache/torch_extensions``), which does not read that variable."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"{python}_torch{torch.__version__}" / "moe_cpu_gemm"
-
-
-@contextlib.contextmanager
-def _held(lock_path: Path):
-    """An exclusive lock between processes (``flock``), released when the file closes or
-    its holder dies."""
-    import fcntl  # POSIX only, as is the build: other systems never get here
-
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+    return cpu_build.load_extension("moe_cpu_gemm", SOURCES, build_flags())
 
 
 _available: bool | None = None  # None until the first eager call decides
@@ -110,17 +58,7 @@ def avx512_available() -> bool:
 
 
 def _builds() -> bool:
-    try:
-        module()
-    except Exception as err:  # no compiler or ninja: the loop backend still works
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(
-            f"the avx512 grouped GEMM could not be built ({reason}); "
-            "experts on this CPU use per-expert matmuls instead",
-            stacklevel=3,
-        )
-        return False
-    return True
+    return cpu_build.builds(module, "avx512")
 
 
 DTYPES = (torch.bfloat16, torch.float32)
@@ -166,8 +104,3 @@ def gmm_wgrad(
     _require(x_NI)
     out_float32 = out_dtype == torch.float32
     return module().gmm_at_b(x_NI.contiguous(), dy_NO.contiguous(), offsets_E, out_float32)
-
-
-def keeps_float32_weight(x_NI: Tensor, w_EIO: Tensor) -> bool:
-    """Whether a float32 weight can go to the kernels as it is under bfloat16 autocast."""
-    return x_NI.dtype == torch.bfloat16 and w_EIO.dtype == torch.float32 and supports(x_NI)

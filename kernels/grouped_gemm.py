@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import AVX512, TORCH, resolve_backend, torch_gmm_supports
-from .cpu_gemm import keeps_float32_weight
+from .backends import AVX2, AVX512, TORCH, resolve_backend, torch_gmm_supports
 
 
 def _gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str, zero_tail: bool) -> Tensor:
@@ -34,7 +33,7 @@ def _gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str, zero_tail
 
 
 def _wgrad(x_NI: Tensor, dy_NO: Tensor, offsets_E: Tensor, backend: str, **out_dtype) -> Tensor:
-    """``out_dtype``: only for a float32 weight with bfloat16 rows (``avx512``, eager)."""
+    """``out_dtype``: only for a float32 weight with bfloat16 rows (our CPU kernels, eager)."""
     resolved = resolve_backend(backend, x_NI, dy_NO.unsqueeze(0))
     return resolved.gmm_wgrad(x_NI, dy_NO, offsets_E, **out_dtype)
 
@@ -109,8 +108,8 @@ def grouped_mm(
     (copies dropped by capacity) come out zero, here and in the input gradient.
     ``zero_tail=False`` promises ``offsets[-1] == N`` (a dropless layer) and skips zeroing
     them: on a GPU a read and a write of the output per GEMM. Under autocast the operands
-    are cast to the autocast dtype, as ``torch.mm`` would be (the ``avx512`` backend rounds
-    a float32 weight inside its kernels instead, to the same values, and returns its
+    are cast to the autocast dtype, as ``torch.mm`` would be (our CPU kernels, ``avx512``
+    and ``avx2``, round a float32 weight inside instead, to the same values, and return its
     gradient in float32 without a bfloat16 round trip).
     """
     if x_NI.dim() != 2 or w_EIO.dim() != 3 or x_NI.shape[1] != w_EIO.shape[1]:
@@ -129,8 +128,9 @@ def grouped_mm(
         # else gets the cast copy. Eager only: the custom ops' shapes assume one dtype.
         float32_weight = (
             not torch.compiler.is_compiling()
-            and keeps_float32_weight(x_NI, w_EIO)
-            and resolve_backend(backend, x_NI, w_EIO) is AVX512
+            and x_NI.dtype == torch.bfloat16
+            and w_EIO.dtype == torch.float32
+            and resolve_backend(backend, x_NI, w_EIO) in (AVX512, AVX2)
         )
         if not float32_weight:
             w_EIO = w_EIO.to(dtype)

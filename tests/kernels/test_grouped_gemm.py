@@ -3,12 +3,15 @@ import torch
 from moe.kernels import grouped_mm, resolve_backend, torch_gmm_supports
 from moe.kernels.backends import triton_available
 from moe.kernels.cpu_gemm import avx512_available
+from moe.kernels.cpu_gemm_avx2 import avx2_available
 
 from tests.kernels.gemm_cases import CASES
 from tests.reference import generator, on_cpu, reference_gmm
 
 BACKENDS = ["loop", "torch", "auto"] + (["triton"] if triton_available() else [])
-BACKENDS += ["avx512"] if torch.get_default_device().type == "cpu" and avx512_available() else []
+if torch.get_default_device().type == "cpu":  # our CPU kernels, where this machine runs them
+    BACKENDS += ["avx512"] if avx512_available() else []
+    BACKENDS += ["avx2"] if avx2_available() else []
 
 
 def dtype_for(backend):
@@ -114,8 +117,9 @@ def test_autocast_casts_operands():
 
 @on_cpu
 def test_auto_on_cpu_picks_our_kernels_where_they_run_else_the_loop():
+    """avx512 where the CPU has AVX512-BF16, else avx2 where it has AVX2 and FMA."""
     x, w = torch.randn(4, 16), torch.randn(2, 16, 8)
-    ours = "avx512" if avx512_available() else "loop"
+    ours = "avx512" if avx512_available() else "avx2" if avx2_available() else "loop"
     assert resolve_backend("auto", x, w).name == ours
     assert resolve_backend("auto", x.bfloat16(), w.bfloat16()).name == ours
     assert resolve_backend("auto", x.double(), w.double()).name == "loop"
