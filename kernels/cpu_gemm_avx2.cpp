@@ -9,7 +9,7 @@
 //
 // The micro-kernel: C[0:R][0:16] (R <= 6 rows, 12 ymm accumulators) += A(r, k) * B(k, 0:16)
 // with A read where it lies (any row and k stride, float32: the caller widens bfloat16 rows
-// once, a pass that costs about 1% of the GEMM) and B a packed float32 panel [k][16]. Each
+// once per call, one pass over them, small next to the GEMM's I multiplies per value) and B a packed float32 panel [k][16]. Each
 // task, an expert and a block of output columns, packs its block of B once (widening
 // bfloat16) into a thread's buffer sized to stay in L2, and runs every row of its group
 // against it; in the forward, an expert with few rows instead reads its weight in place

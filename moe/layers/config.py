@@ -47,7 +47,8 @@ class MoEConfig:
         its routed ones (Qwen2-MoE, DeepSeek); 0 = none.
     shared_gate: scale the shared expert's output by ``sigmoid(w_g x)``, a learned
         per-token gate (Qwen2-MoE's ``shared_expert_gate``).
-    backend: grouped GEMM and dispatch kernels: "auto", "loop", "torch" or "triton".
+    backend: grouped GEMM and dispatch kernels: "auto", "loop", "torch", "triton",
+        "avx512" or "avx2" (``moe.kernels.BACKENDS``).
     """
 
     num_experts: int = 8

@@ -178,3 +178,29 @@ def test_avx2_same_bits_whatever_the_thread_count(dtype):
     y_ref.backward(dy.double())  # w64.grad = dy^T x per group: gmm_wgrad(dy, x)
     for got, ref in zip(results[0], (y_ref, x64.grad, w64.grad), strict=True):
         torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=1e-3)
+
+
+@needs_avx2
+@on_cpu
+def test_avx2_float32_with_many_rows_per_expert_matches_float64():
+    """float32 groups averaging 512 rows or more take a library matmul per expert
+    (cpu_gemm_avx2.LIBRARY_FLOAT32_ROWS): the same contract, an empty expert and rows past
+    the groups included."""
+    counts = [1200, 0, 900, 1]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(13)
+    N, K, P = sum(counts) + 5, 24, 40
+    assert cpu_gemm_avx2.LIBRARY_FLOAT32_ROWS * len(counts) <= N
+    x = torch.randn(N, K, generator=g, requires_grad=True)
+    w_param = torch.randn(len(counts), P, K, generator=g, requires_grad=True)
+    dy = torch.randn(N, P, generator=g)
+    y = grouped_mm(x, w_param.transpose(1, 2), offsets, "avx2")
+    y.backward(dy)
+    xd, wd = x.detach().double().requires_grad_(), w_param.detach().double().requires_grad_()
+    y_ref = reference_gmm(xd[:-5], wd.transpose(1, 2), offsets)  # the grouped rows
+    y_ref.backward(dy[:-5].double())
+    torch.testing.assert_close(y[:-5].double(), y_ref, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(y[-5:]) == 0 and torch.count_nonzero(x.grad[-5:]) == 0
+    torch.testing.assert_close(x.grad[:-5].double(), xd.grad[:-5], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w_param.grad.double(), wd.grad, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(w_param.grad[1]) == 0
