@@ -6,9 +6,9 @@ The kernels are in ``cpu_gemm.cpp`` (why they exist is at its top), built into o
 with the dispatch rows (``cpu_rows``) and the router's (``cpu_router``). PyTorch's extension
 builder compiles it the first time it is needed (about 40 s on 2 cores, with the system's
 C++ compiler and ninja) and caches the result under ``~/.cache/torch_extensions``
-(``TORCH_EXTENSIONS_DIR`` moves it). Where it cannot be built or the CPU lacks the
-instructions, ``auto`` keeps per-expert matmuls (the ``loop`` backend) and PyTorch's
-dispatch and router operations.
+(``TORCH_EXTENSIONS_DIR`` moves it; ``moe.kernels.cpu_build``). Where it cannot be built or
+the CPU lacks the instructions, ``auto`` takes the ``avx2`` GEMMs (``cpu_gemm_avx2``) or
+per-expert matmuls (the ``loop`` backend), and PyTorch's dispatch and router operations.
 """
 
 from __future__ import annotations
