@@ -211,7 +211,7 @@ def resolve_backend(name: str, x_NI: Tensor, w_EIO: Tensor) -> GemmBackend:
     if cpu_gemm.supports(x_NI):
         return AVX512
     # Without AVX-512, our AVX2 kernels (cpu_gemm_avx2.cpp): PyTorch's bfloat16 matmul runs
-    # a generic GEMM there, 40-70x slower in the layer; in float32 1.0-2.3x DeepSpeed-MoE
+    # a generic GEMM there (the layer on it 38-71x slower); in float32 1.0-2.3x DeepSpeed-MoE
     # (benchmarks/results/2026-11-28-cpu-avx2).
     if cpu_gemm_avx2.supports(x_NI):
         return AVX2
