@@ -221,12 +221,14 @@ int64_t block_cols(int64_t K) {
   return std::clamp<int64_t>(BLOCK_FLOATS / std::max<int64_t>(K, 1) / NR * NR, NR, MAX_BLOCK_COLS);
 }
 
-// A thread's packing buffer, kept between calls (grow-only; 32-byte aligned for the loads).
-float* block_buffer(int64_t floats) {
-  thread_local std::vector<float> kept;
-  if ((int64_t)kept.size() < floats + 8) kept.resize(floats + 8);
-  const auto address = reinterpret_cast<uintptr_t>(kept.data());
-  return kept.data() + ((32 - address % 32) % 32) / sizeof(float);
+// A thread's buffers, kept between calls (grow-only; 32-byte aligned for the loads): slot 0
+// a task's packed block of B, slot 1 the forward's packed rows of one expert.
+float* thread_buffer(int slot, int64_t floats) {
+  thread_local std::array<std::vector<float>, 2> kept;
+  std::vector<float>& buffer = kept[slot];
+  if ((int64_t)buffer.size() < floats + 8) buffer.resize(floats + 8);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((32 - address % 32) % 32) / sizeof(float);
 }
 
 // body(t0, t1) over tasks [0, n) split into one contiguous range per thread of about equal
@@ -272,12 +274,13 @@ void with_type(const at::Tensor& t, Body body) {
 
 }  // namespace
 
-// Packing a block of the weight costs about as much as PACK_ROWS rows' multiplies, whatever
-// the expert's rows. In the forward, experts with few rows avoid it where that pays: the
+// Packing a block of the weight costs about as much as PACK_ROWS rows' multiplies (an
+// estimate), whatever the expert's rows. In the forward, experts with few rows avoid it where that pays: the
 // weight's rows (float32, as they lie; autocast's rounded weight is packed) are A against
 // the expert's rows packed transposed, 16 to a panel (so a group costs whole 16-row panels),
-// and the output is stored transposed. Measured (forward, d=512, F=1024, float32, 2 cores):
-// 128 experts 95 -> 78 ms, 32 experts 78 -> 65 ms. The input gradient's weight [E, I, O]
+// and the output is stored transposed. Measured once each (forward of the
+// in-projection, d=512, F=1024, float32, 2 cores): 128 experts 95 -> 78 ms, 32 experts
+// 78 -> 65 ms. The input gradient's weight [E, I, O]
 // read in place as B instead of packed took 1.1-1.8x the time: its rows are O floats apart,
 // 2 KB at O=512, and fall into a few cache sets.
 constexpr int64_t PACK_ROWS = 8;
@@ -287,14 +290,6 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 bool weight_as_a(int64_t rows) {
   return rows > 0 && rows <= WEIGHT_AS_A_MAX_ROWS && round_up(rows, NR) <= round_up(rows, MR) + PACK_ROWS;
-}
-
-// A second buffer per thread: the forward's packed rows of one expert.
-float* rows_buffer(int64_t floats) {
-  thread_local std::vector<float> kept;
-  if ((int64_t)kept.size() < floats + 8) kept.resize(floats + 8);
-  const auto address = reinterpret_cast<uintptr_t>(kept.data());
-  return kept.data() + ((32 - address % 32) % 32) / sizeof(float);
 }
 
 // y[rows, o0:o0+R] of the forward with the weight as A: tile row r (weight row o0 + r) holds
@@ -332,7 +327,7 @@ at::Tensor gmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offse
     auto rows = [&](int64_t t) { return b[t / blocks + 1] - b[t / blocks]; };
     // A task's cost: its rows, plus its packing.
     parallel_by_cost(E * blocks, [&](int64_t t) { return rows(t) > 0 ? rows(t) + PACK_ROWS : 0; }, [&](int64_t t0, int64_t t1) {
-      float* block = block_buffer(I * nc);
+      float* block = thread_buffer(0, I * nc);
       int64_t packed_rows_of = -1;  // the expert whose rows the rows buffer holds
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t e = t / blocks, c0 = t % blocks * nc, width = std::min(nc, O - c0), M = rows(t);
@@ -340,7 +335,7 @@ at::Tensor gmm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offse
         const float* xe = xp + b[e] * I;
         Out* ye = yp + b[e] * O + c0;
         if (transposed && !round_w && std::is_same_v<W, float> && weight_as_a(M)) {
-          float* xt = rows_buffer(I * round_up(M, NR));
+          float* xt = thread_buffer(1, I * round_up(M, NR));
           if (packed_rows_of != e) pack_transposed(xe, I, I, M, false, xt);
           packed_rows_of = e;
           const float* we = reinterpret_cast<const float*>(wp) + (e * O + c0) * I;
@@ -389,7 +384,7 @@ at::Tensor gmm_at_b(const at::Tensor& a, const at::Tensor& c, const at::Tensor& 
     Out* dp = reinterpret_cast<Out*>(dw.data_ptr());
     // Every task writes P rows: an empty group's costs its zeroing.
     parallel_by_cost(E * blocks, [&](int64_t t) { return b[t / blocks + 1] - b[t / blocks] + MR; }, [&](int64_t t0, int64_t t1) {
-      float* block = block_buffer(std::max<int64_t>(largest, 1) * nc);
+      float* block = thread_buffer(0, std::max<int64_t>(largest, 1) * nc);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t e = t / blocks, c0 = t % blocks * nc, width = std::min(nc, Q - c0), K = b[e + 1] - b[e];
         Out* out = dp + e * P * Q + c0;
