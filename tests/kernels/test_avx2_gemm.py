@@ -1,6 +1,6 @@
 """Our CPU kernels for CPUs without AVX-512 (the `avx2` backend, ``kernels/cpu_gemm_avx2.cpp``):
-their build and what only they do (their bfloat16 rounding, thread ranges of equal cost, the
-library path for float32 groups of many rows). What both CPU backends promise is in
+their build and what only they do (their bfloat16 rounding, the library path for float32 groups
+of many rows). What both CPU backends promise is in
 ``test_cpu_kernels.py``. They run on any x86 CPU with AVX2 and FMA, AVX-512 ones included."""
 
 import importlib.util
@@ -56,44 +56,6 @@ def test_avx2_rounds_its_float32_sums_to_bfloat16_as_torch_does():
     nan = y32.isnan()
     assert torch.equal(y16.isnan(), nan)
     assert torch.equal(y16[~nan].view(torch.int16), y32[~nan].bfloat16().view(torch.int16))
-
-
-@needs_avx2
-@on_cpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
-def test_avx2_same_bits_whatever_the_thread_count(dtype):
-    """Each thread gets a range of tasks of about equal cost (routing skewed as in training:
-    one expert with most rows, empty ones between). Every output element comes from one task
-    whatever the ranges, so any thread count gives the same bits; a task lost or run twice
-    between ranges would not."""
-    counts = [1900, 0, 2, 0, 1, 150, 0, 9, 300, 0, 45, 7]
-    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-    g = generator(11)
-    E, N, K, P = len(counts), sum(counts), 72, 296
-    x = torch.randn(N, K, generator=g).to(dtype)
-    w = torch.randn(E, P, K, generator=g).to(dtype)
-    dy = torch.randn(N, P, generator=g).to(dtype)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3, 7):
-            torch.set_num_threads(n)
-            results.append(
-                (
-                    cpu_gemm_avx2.gmm(x, w.transpose(1, 2), offsets),
-                    cpu_gemm_avx2.gmm(dy, w, offsets),
-                    cpu_gemm_avx2.gmm_wgrad(dy, x, offsets),
-                )
-            )
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
-    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    y_ref = reference_gmm(x64, w64.transpose(1, 2), offsets)
-    y_ref.backward(dy.double())  # w64.grad = dy^T x per group: gmm_wgrad(dy, x)
-    for got, ref in zip(results[0], (y_ref, x64.grad, w64.grad), strict=True):
-        torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=1e-3)
 
 
 @needs_avx2

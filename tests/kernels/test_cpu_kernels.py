@@ -1,11 +1,11 @@
 """What both of our CPU kernel backends promise (``avx512``, ``kernels/cpu_gemm.cpp``, and
 ``avx2``, ``kernels/cpu_gemm_avx2.cpp``), each where this machine runs it: results against
-float64 on the same inputs, rows past the groups, other dtypes refused, and a float32 weight
-under autocast rounded inside."""
+float64 on the same inputs, the same bits whatever the thread count, rows past the groups,
+other dtypes refused, and a float32 weight under autocast rounded inside."""
 
 import pytest
 import torch
-from moe.kernels import grouped_mm
+from moe.kernels import cpu_gemm, cpu_gemm_avx2, grouped_mm
 from moe.kernels.cpu_gemm import avx512_available
 from moe.kernels.cpu_gemm_avx2 import avx2_available
 
@@ -109,3 +109,55 @@ def test_rounds_a_float32_weight_inside_under_autocast(backend, transposed, case
     reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets).backward(dy.double())
     torch.testing.assert_close(dw.double(), wd.grad, rtol=1e-5, atol=1e-4)
     assert (dw_bf16.double() - wd.grad).abs().max() > 1e-2  # what the round trip would cost
+
+
+MODULES = {"avx512": cpu_gemm, "avx2": cpu_gemm_avx2}
+
+
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize(
+    "counts, P",
+    # Skewed as routing is in training: one expert with most rows, empty ones between. The
+    # first averages under 128 rows per expert (avx512 forward: weight in place; input
+    # gradient: streamed), the others over (both pack the weight by panels).
+    [
+        ([300, 0, 2, 0, 1, 45, 0, 0, 7, 3], 136),
+        ([1900, 0, 2, 0, 1, 150, 0, 9], 136),
+        ([1900, 0, 2, 0, 1, 150, 0, 9, 300, 0, 45, 7], 296),
+    ],
+    ids=["few_rows", "many_rows", "many_rows_wide"],
+)
+@pytest.mark.parametrize("backend", OURS)
+def test_same_bits_whatever_the_thread_count(backend, counts, P, dtype):
+    """The kernels hand each thread a range of tasks of about equal cost. Every output
+    element comes from one task whatever the ranges, so any thread count gives the same bits;
+    a task lost or run twice between ranges would not."""
+    kernels = MODULES[backend]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(11)
+    E, N, K = len(counts), sum(counts), 72
+    x = torch.randn(N, K, generator=g).to(dtype)
+    w = torch.randn(E, P, K, generator=g).to(dtype)
+    dy = torch.randn(N, P, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 7):
+            torch.set_num_threads(n)
+            results.append(
+                (
+                    kernels.gmm(x, w.transpose(1, 2), offsets),  # forward: x @ w[e]^T
+                    kernels.gmm(dy, w, offsets),  # input gradient: dy @ w[e]
+                    kernels.gmm_wgrad(dy, x, offsets),  # weight gradient: dy^T x per group
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y_ref = reference_gmm(x64, w64.transpose(1, 2), offsets)
+    y_ref.backward(dy.double())  # w64.grad = dy^T x per group: [E, P, K]
+    for got, ref in zip(results[0], (y_ref, x64.grad, w64.grad), strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=1e-3)
