@@ -104,16 +104,41 @@ struct WeightRows {
   }
 };
 
+// Memory fetched into cache ahead of its use, a line per k step of the micro-kernel: lines
+// [first, end) of a region of rows, each 2^shift lines long and stride bytes after the last
+// (a contiguous span: one row). take(n) hands the next n lines to one micro-kernel call.
+struct Ahead {
+  const char* p = nullptr;
+  int64_t first = 0, end = 0;
+  int shift = 62;
+  int64_t stride = 0;
+
+  static Ahead span(const void* p, int64_t bytes) {
+    return {(const char*)p, 0, p && bytes > 0 ? (bytes + 63) / 64 : 0};
+  }
+  // rows rows of row_bytes each (the line count rounded up to a power of two).
+  static Ahead rows(const void* p, int64_t rows, int64_t row_bytes, int64_t stride) {
+    int shift = 0;
+    while ((int64_t{64} << shift) < row_bytes) ++shift;
+    return {(const char*)p, 0, rows << shift, shift, stride};
+  }
+  Ahead take(int64_t n) {
+    Ahead part = *this;
+    part.end = std::min(end, first + n);
+    first = part.end;
+    return part;
+  }
+};
+
 // c[r][v] = columns 16v..16v+15 of row r of the tile. Word (r, kw) of A is at a + r*a_rs + kw*a_ks
 // (strides in elements); k_odd (bfloat16 only) adds one last k whose partner is zero. NV = 1
 // computes the first 16 columns only: for a panel's last columns where 16 or fewer are wanted
 // (experts with 33-48 rows would waste a third of their forward's multiplies otherwise:
 // 0.88-0.91x the time at 128 experts). epilogue(r, c[r]) takes each row of the tile from
-// registers when the sums are done.
+// registers when the sums are done. ahead: a line fetched per k step.
 template <typename T, int R, int NV, typename B, typename Epilogue>
 inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords,
-                                                      bool k_odd, const B& b, const char* pf, int64_t pf_lines,
-                                                      Epilogue epilogue) {
+                                                      bool k_odd, const B& b, const Ahead& ahead, Epilogue epilogue) {
   // The loops over c outside the k loop are unrolled by pragma: otherwise GCC keeps c on the
   // stack, zeroing it there and copying it out through it after the k loop, about 80
   // cycles a call. Where the groups are short (the weight gradient at 128 experts: 16 k
@@ -137,9 +162,16 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
       }
     }
   };
+  // ahead's fields as locals: GCC 12 dropped every prefetch that read them from the struct in
+  // the loop (as a member function or not).
+  const char* const pf = ahead.p;
+  const int64_t pf_first = ahead.first, pf_end = ahead.end, pf_stride = ahead.stride;
+  const int pf_shift = ahead.shift;
+  const int64_t pf_mask = (int64_t{1} << pf_shift) - 1;
   for (int64_t kw = 0; kw < kwords; ++kw) {
     const T* ak = a + kw * a_ks;
-    if (kw < pf_lines) _mm_prefetch(pf + 64 * kw, _MM_HINT_T0);
+    if (const int64_t i = pf_first + kw; i < pf_end)
+      _mm_prefetch(pf + (i >> pf_shift) * pf_stride + ((i & pf_mask) << 6), _MM_HINT_T0);
     if constexpr (std::is_same_v<T, bf16>) step(kw, false, [&](int r) { return load_word(ak + r * a_rs); });
     else step(kw, false, [&](int r) { return ak[r * a_rs]; });
   }
@@ -154,8 +186,8 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
 // The tile to acc: acc[2r], acc[2r+1] = row r.
 template <typename T, int R, int NV>
 void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd, const uint32_t* b, __m512* acc,
-           const char* pf, int64_t pf_lines) {
-  micro_tile<T, R, NV>(a, a_rs, a_ks, kwords, k_odd, PackedPanel{b}, pf, pf_lines, [&](int r, const __m512(&row)[NV]) {
+           Ahead ahead) {
+  micro_tile<T, R, NV>(a, a_rs, a_ks, kwords, k_odd, PackedPanel{b}, ahead, [&](int r, const __m512(&row)[NV]) {
     for (int v = 0; v < NV; ++v) acc[2 * r + v] = row[v];
   });
 }
@@ -181,9 +213,8 @@ constexpr std::array MICRO = {by_rows([](auto r) { return &micro<T, decltype(r):
 // the first cols columns of the panel b.
 template <typename T>
 void micro_rows(int R, int cols, const T* a, int64_t ld, int64_t k, const uint32_t* b, __m512* acc,
-                const void* pf = nullptr, int64_t pf_bytes = 0) {
-  MICRO<T>[cols <= 16][R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, (const char*)pf,
-                          (pf_bytes + 63) / 64);
+                Ahead ahead = {}) {
+  MICRO<T>[cols <= 16][R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, ahead);
 }
 
 // Rows x cols of the tile to c (row stride ldc), as bfloat16 or float32.
@@ -219,7 +250,7 @@ inline void stream_row(float* c, __m512 lo, __m512 hi) {
 // pass through acc would cost a tenth of the multiplies.
 template <typename T, typename Out, int R>
 void micro_stream(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, const uint32_t* b, Out* c, int64_t ldc) {
-  micro_tile<T, R, 2>(a, a_rs, a_ks, kwords, false, PackedPanel{b}, nullptr, 0,
+  micro_tile<T, R, 2>(a, a_rs, a_ks, kwords, false, PackedPanel{b}, Ahead{},
                       [&](int r, const __m512(&row)[2]) { stream_row(c + r * ldc, row[0], row[1]); });
 }
 
@@ -230,9 +261,8 @@ constexpr auto MICRO_STREAM = by_rows([](auto r) { return &micro_stream<T, Out, 
 // The micro-kernel for a full panel added to float32 sums (row stride lds): the input
 // gradient's at few rows per expert, B a packed panel or a weight's rows as they lie.
 template <typename T, typename B, int R>
-void micro_add(const T* a, int64_t a_rs, int64_t kwords, bool k_odd, B b, const char* pf, int64_t pf_lines,
-               float* sums, int64_t lds) {
-  micro_tile<T, R, 2>(a, a_rs, KW<T>, kwords, k_odd, b, pf, pf_lines, [&](int r, const __m512(&row)[2]) {
+void micro_add(const T* a, int64_t a_rs, int64_t kwords, bool k_odd, B b, Ahead ahead, float* sums, int64_t lds) {
+  micro_tile<T, R, 2>(a, a_rs, KW<T>, kwords, k_odd, b, ahead, [&](int r, const __m512(&row)[2]) {
     __m512 lo, hi;
     B::in_order(row, lo, hi);
     float* s = sums + r * lds;
@@ -531,7 +561,7 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
             const int64_t r0 = p * NR;
             const int cols = (int)std::min<int64_t>(NR, b[e + 1] - b[e] - r0);
             micro_rows<T>(R, cols, a_block + (o0 - o_begin) * I, I, I, &xt[(first_panel[e] + p) * kwords * NR], acc,
-                          fetch ? (const char*)(wp + ahead * I) + fetched : nullptr, fetch ? span - fetched : 0);
+                          fetch ? Ahead::span((const char*)(wp + ahead * I) + fetched, span - fetched) : Ahead{});
             // Rows o0 + R.. of the output belong to this task's next tile, stored after this one.
             const bool spill = o0 + 16 <= o_end;
             store_tile_transposed(acc, R, cols, yp + (b[e] + r0) * O + o0, O, spill);
@@ -544,8 +574,8 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
 
 // y[g] = x[g] @ B_e with x as A, read in place, and B_e packed one panel of NC columns per
 // task by pack(e, c0, width, panel): the kernel of both weight layouts below. source(e, c0,
-// width) -> {bytes, size}: what that packing reads where it is contiguous (else size 0),
-// fetched into cache for a thread's next task while the multiplies of its current one run.
+// width) -> Ahead: what that packing reads, fetched into cache for a thread's next task while
+// the multiplies of its current one run.
 template <typename T, typename Out, typename Pack, typename Source>
 void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack,
                    Source source, const Experts& mine = {}) {
@@ -566,17 +596,14 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
       const int64_t r_begin = all_rows * part / splits, rows = all_rows * (part + 1) / splits - r_begin;
       if (rows == 0) continue;
       pack(e, c0, width, panel.data());
-      std::pair<const char*, int64_t> ahead{nullptr, 0};
+      Ahead ahead;
       const int64_t next = (t + 1) / splits;
       if (t + 1 < t1 && next != task) ahead = source(next / blocks, next % blocks * NC, std::min<int64_t>(NC, O - next % blocks * NC));
-      int64_t fetched = 0;
       for (int64_t m0 = r_begin; m0 < r_begin + rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, r_begin + rows - m0);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
-          const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, ahead.second - fetched));
-          micro_rows<T>(R, cols, xp + (b[e] + m0) * I, I, I, &panel[p * kwords * NR], acc, ahead.first + fetched, span);
-          fetched += span;
+          micro_rows<T>(R, cols, xp + (b[e] + m0) * I, I, I, &panel[p * kwords * NR], acc, ahead.take(kwords));
           store_tile(acc, R, cols, yp + (b[e] + m0) * O + c0 + p * NR, O);
         }
       }
@@ -638,21 +665,17 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
         // k step of the multiplies below.
         const int64_t next = k0 + KB < I ? e * I + k0 + KB : t + 1 < t1 ? parts[t + 1].e * I : E * I;
         const int64_t next_bytes = std::min(KB, E * I - next) * O * (int64_t)sizeof(W);
-        const char* ahead = (const char*)(wp + next * O);
-        int64_t fetched = 0;
+        Ahead ahead = Ahead::span(wp + next * O, next_bytes);
         for (int64_t p = 0; p < panels; ++p) {
           const int cols = (int)std::min<int64_t>(NR, O - p * NR);
           for (int64_t m0 = 0; m0 < rows; m0 += MR) {
             const int R = (int)std::min<int64_t>(MR, rows - m0);
-            const int64_t span = std::max<int64_t>(0, std::min(kwords * 64, next_bytes - fetched));
             const T* a = xp + (row0 + m0) * I + k0;
-            const char* pf = ahead + fetched;
-            const int64_t pf_lines = (span + 63) / 64;
-            fetched += span;
+            const Ahead fetch = ahead.take(kwords);
             float* s = &sums[m0 * width + p * NR];
             const bool k_odd = KW<T> == 2 && (k & 1);
             auto add_tile = [&](auto b) {
-              MICRO_ADD<T, decltype(b)>[R](a, I, k / KW<T>, k_odd, b, pf, pf_lines, s, width);
+              MICRO_ADD<T, decltype(b)>[R](a, I, k / KW<T>, k_odd, b, fetch, s, width);
             };
             if constexpr (in_place) add_tile(WeightRows<T>{wp + (e * I + k0) * O + p * NR, O, cols});
             else add_tile(PackedPanel{&packed[p * panel_stride]});
@@ -676,7 +699,9 @@ void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<in
   gmm_rows_into<T, T>(
       x, w.size(0), O, b, y,
       [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) { pack_rows<T>(wp + e * I * O + c0, O, I, width, panel); },
-      [](int64_t, int64_t, int64_t) { return std::pair<const char*, int64_t>{nullptr, 0}; });  // strided
+      [&](int64_t e, int64_t c0, int64_t width) {  // the panel's rows: strided
+        return Ahead::rows(wp + e * I * O + c0, I, width * (int64_t)sizeof(W), O * (int64_t)sizeof(W));
+      });
 }
 
 // y[g] = x[g] @ w[e]^T with w [E, O, I] (the nn.Linear layout) for experts with many rows
@@ -702,7 +727,7 @@ void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::v
     for (int64_t p = 0; p * NR < width; ++p)
       pack_transposed<T>(src + p * NR * I, I, std::min<int64_t>(NR, width - p * NR), I, panel + p * kwords * NR);
   }, [&](int64_t e, int64_t c0, int64_t width) {  // the task's weight rows: contiguous
-    return std::pair<const char*, int64_t>{(const char*)(wp + (e * O + c0) * I), width * I * (int64_t)sizeof(W)};
+    return Ahead::span(wp + (e * O + c0) * I, width * I * (int64_t)sizeof(W));
   }, mine);
 }
 
@@ -760,7 +785,7 @@ void gmm_at_b_into(const at::Tensor& a, const at::Tensor& c, const std::vector<i
           if (cols == NR) {
             MICRO_STREAM<T, Out>[R](a_rows, KW<T>, KW<T> * NR, kwords, c_panel, out + r0 * Q + q * NR, Q);
           } else {
-            MICRO<T>[cols <= 16][R](a_rows, KW<T>, KW<T> * NR, kwords, false, c_panel, acc, nullptr, 0);
+            MICRO<T>[cols <= 16][R](a_rows, KW<T>, KW<T> * NR, kwords, false, c_panel, acc, Ahead{});
             store_tile(acc, R, cols, out + r0 * Q + q * NR, Q);
           }
         }
