@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,26 @@ def test_profile_prints_the_step_table():
               "--experts", "4", "--steps", "1", "--rows", "30")  # fmt: skip
     # The experts' grouped GEMM, whichever backend runs it (the eager autograd function).
     assert "Self CPU time total" in out and "_EagerGroupedMM" in out
+
+
+def _avx512_available() -> bool:
+    from moe.kernels.cpu_gemm import avx512_available
+
+    return avx512_available()
+
+
+@pytest.mark.skipif(not _avx512_available(), reason="times our avx512 module: not on this CPU")
+def test_cpu_op_times_covers_the_layer_with_our_calls():
+    out = run("cpu_op_times.py", "--tokens", "64", "--d-model", "32", "--d-ff", "32",
+              "--experts", "4", "--dtype", "float32", "--steps", "2", "--warmup", "1")  # fmt: skip
+    head = re.search(r"E=4: layer ([\d.]+), dense FFN ([\d.]+) .* in our calls ([\d.]+)", out)
+    assert head, out
+    layer_ms, dense_ms, ours_ms = map(float, head.groups())
+    ops = dict(re.findall(r"^ +(\w+) +([\d.]+)$", out, re.MULTILINE))
+    # Every GEMM of the experts and SwiGLU ran through our module, inside the layer's time.
+    assert {"gmm_x_wt", "gmm_x_w", "gmm_at_b", "swiglu_forward", "swiglu_backward"} <= set(ops)
+    assert sum(map(float, ops.values())) == pytest.approx(ours_ms, abs=0.05 * len(ops))
+    assert 0 < ours_ms <= layer_ms and dense_ms > 0
 
 
 @pytest.mark.skipif(
