@@ -161,3 +161,38 @@ def test_same_bits_whatever_the_thread_count(backend, counts, P, dtype):
     y_ref.backward(dy.double())  # w64.grad = dy^T x per group: [E, P, K]
     for got, ref in zip(results[0], (y_ref, x64.grad, w64.grad), strict=True):
         torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=1e-3)
+
+
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize(
+    "counts, K, P",
+    # 2048 values a row: bfloat16 rows 4 KB apart, float32 ones 8 KB, which fall into one set
+    # of the L1 cache and are copied a line further apart first (cpu_gemm.cpp, RowCopy): x in
+    # the forward with the weight packed, dy in the input gradient by column panels
+    # (bfloat16) or streamed (float32 here; both dtypes in the last).
+    [([300, 0, 141], 2048, 24), ([300, 0, 141], 24, 2048), ([40, 0, 17, 65], 24, 2048)],
+    ids=["K2048", "P2048", "P2048_few_rows"],
+)
+@pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
+@pytest.mark.parametrize("backend", OURS)
+def test_rows_4kb_apart_match_float64(backend, transposed, counts, K, P, dtype):
+    """Both layouts, so that each of x and dy is A in each GEMM path (the layer's EPK view:
+    forward x @ w^T, input gradient dy @ w). Inputs scaled as a layer's are (outputs of order
+    1), so that float32 sums over 2048 values stay within the tolerances of the other cases."""
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+    g = generator(K + P)
+    E, N = len(counts), sum(counts)
+    x = (torch.randn(N, K, generator=g) / K**0.5).to(dtype).requires_grad_()
+    shape = (E, P, K) if transposed else (E, K, P)
+    w_param = (torch.randn(shape, generator=g) / P**0.5).to(dtype).requires_grad_()
+    w = w_param.transpose(1, 2) if transposed else w_param
+    dy = torch.randn(N, P, generator=g).to(dtype)
+    y = grouped_mm(x, w, offsets, backend=backend)
+    y.backward(dy)
+    xd, wd = x.detach().double().requires_grad_(), w_param.detach().double().requires_grad_()
+    y_ref = reference_gmm(xd, wd.transpose(1, 2) if transposed else wd, offsets)
+    y_ref.backward(dy.double())
+    tol = {"rtol": 2**-8, "atol": 1e-4} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    for got, ref in ((y, y_ref), (x.grad, xd.grad), (w_param.grad, wd.grad)):
+        torch.testing.assert_close(got.double(), ref, **tol)
