@@ -477,8 +477,9 @@ void parallel_by_rows(int64_t n, Rows rows, Body body) {
 
 // Rows of A a multiple of 4 KB apart all fall into one set of the L1 cache (64 sets of 64-byte
 // lines), and a micro-kernel call's 12 rows then evict each other on every k step: the input
-// gradient with 2F = 2048 bfloat16 columns ran at 315 GFLOP/s, with 2032 or 2064 at 426-429
-// (Zen 4, 8 experts). Such rows are copied first, a line more apart (RowCopy).
+// gradient with 2F = 2048 bfloat16 columns ran at 315-381 GFLOP/s, with 2032 or 2064 at
+// 426-433 (Zen 4, 8 experts; with the copy 387-404). Such rows are copied first, to a stride
+// that is not such a multiple (RowCopy).
 constexpr int64_t L1_SET_SPAN = 4096;
 
 template <typename T>
@@ -486,8 +487,14 @@ struct RowCopy {
   int64_t ld;  // the copy's row stride, or 0 where the rows are used where they lie
   std::vector<T> rows;
 
-  RowCopy(int64_t src_ld, int64_t max_cols)
-      : ld(src_ld * (int64_t)sizeof(T) % L1_SET_SPAN == 0 ? max_cols + 64 / (int64_t)sizeof(T) : 0) {}
+  RowCopy(int64_t src_ld, int64_t max_cols) : ld(src_ld * (int64_t)sizeof(T) % L1_SET_SPAN == 0 ? spread(max_cols) : 0) {}
+
+  // A row stride of whole lines for cols values that is not a multiple of L1_SET_SPAN.
+  static int64_t spread(int64_t cols) {
+    int64_t bytes = (cols * (int64_t)sizeof(T) + 63) / 64 * 64;
+    if (bytes % L1_SET_SPAN == 0) bytes += 64;
+    return bytes / (int64_t)sizeof(T);
+  }
 
   // n rows x cols of src (row stride src_ld) as A reads them: {first element, row stride}.
   std::pair<const T*, int64_t> of(const T* src, int64_t src_ld, int64_t n, int64_t cols) {
