@@ -2,7 +2,8 @@
 call into our CPU module (the grouped GEMMs, SwiGLU, the dispatch rows, the router) timed
 inside the layer's forward+backward, medians over steps, next to the whole layer and the
 dense FFN of equal active FLOPs. The torch profiler's self times for our autograd functions
-disagreed with wall clock by up to 3x on these VMs; this counts only time spent in our calls.
+disagreed with wall clock by 3x and more on these VMs (SwiGLU's backward: 16.7 ms a step
+under the profiler, 1.7-3.8 ms by wall clock); this counts only time spent in our calls.
 
     python scripts/cpu_op_times.py --experts 8,32,128 --top-k 1 --dtype bfloat16
 """
