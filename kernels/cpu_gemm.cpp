@@ -105,7 +105,7 @@ struct WeightRows {
 };
 
 // Memory fetched into cache ahead of its use, a line per k step of the micro-kernel: lines
-// [first, end) of a region of rows, each 2^shift lines long and stride bytes after the last
+// [first, end) of a region of rows, each 2^shift lines long, their starts stride bytes apart
 // (a contiguous span: one row). take(n) hands the next n lines to one micro-kernel call.
 struct Ahead {
   const char* p = nullptr;
@@ -484,10 +484,12 @@ constexpr int64_t L1_SET_SPAN = 4096;
 
 template <typename T>
 struct RowCopy {
-  int64_t ld;  // the copy's row stride, or 0 where the rows are used where they lie
+  int64_t src_ld;  // the source's row stride
+  int64_t ld;      // the copy's row stride, or 0 where the rows are used where they lie
   std::vector<T> rows;
 
-  RowCopy(int64_t src_ld, int64_t max_cols) : ld(src_ld * (int64_t)sizeof(T) % L1_SET_SPAN == 0 ? spread(max_cols) : 0) {}
+  RowCopy(int64_t src_ld, int64_t max_cols)
+      : src_ld(src_ld), ld(src_ld * (int64_t)sizeof(T) % L1_SET_SPAN == 0 ? spread(max_cols) : 0) {}
 
   // A row stride of whole lines for cols values that is not a multiple of L1_SET_SPAN.
   static int64_t spread(int64_t cols) {
@@ -496,8 +498,8 @@ struct RowCopy {
     return bytes / (int64_t)sizeof(T);
   }
 
-  // n rows x cols of src (row stride src_ld) as A reads them: {first element, row stride}.
-  std::pair<const T*, int64_t> of(const T* src, int64_t src_ld, int64_t n, int64_t cols) {
+  // n rows x cols from src as A reads them: {first element, row stride}.
+  std::pair<const T*, int64_t> of(const T* src, int64_t n, int64_t cols) {
     if (!ld) return {src, src_ld};
     if ((int64_t)rows.size() < n * ld) rows.resize(n * ld);
     for (int64_t r = 0; r < n; ++r) std::memcpy(&rows[r * ld], src + r * src_ld, cols * sizeof(T));
@@ -632,7 +634,7 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
       if (t + 1 < t1 && next != task) ahead = source(next / blocks, next % blocks * NC, std::min<int64_t>(NC, O - next % blocks * NC));
       for (int64_t m0 = r_begin; m0 < r_begin + rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, r_begin + rows - m0);
-        const auto [a, lda] = a_copy.of(xp + (b[e] + m0) * I, I, R, I);
+        const auto [a, lda] = a_copy.of(xp + (b[e] + m0) * I, R, I);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
           micro_rows<T>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, ahead.take(kwords));
@@ -699,7 +701,7 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
         const int64_t next = k0 + KB < I ? e * I + k0 + KB : t + 1 < t1 ? parts[t + 1].e * I : E * I;
         const int64_t next_bytes = std::min(KB, E * I - next) * O * (int64_t)sizeof(W);
         Ahead ahead = Ahead::span(wp + next * O, next_bytes);
-        const auto [x_block, ldx] = x_copy.of(xp + row0 * I + k0, I, rows, k);
+        const auto [x_block, ldx] = x_copy.of(xp + row0 * I + k0, rows, k);
         for (int64_t p = 0; p < panels; ++p) {
           const int cols = (int)std::min<int64_t>(NR, O - p * NR);
           for (int64_t m0 = 0; m0 < rows; m0 += MR) {
