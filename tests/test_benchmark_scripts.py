@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from moe.kernels.cpu_gemm import avx512_available
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 GRID = ["--tokens", "64", "--d-model", "32", "--d-ff", "32", "--experts", "4,6", "--top-k", "1,2"]
@@ -86,13 +87,7 @@ def test_profile_prints_the_step_table():
     assert "Self CPU time total" in out and "_EagerGroupedMM" in out
 
 
-def _avx512_available() -> bool:
-    from moe.kernels.cpu_gemm import avx512_available
-
-    return avx512_available()
-
-
-@pytest.mark.skipif(not _avx512_available(), reason="times our avx512 module: not on this CPU")
+@pytest.mark.skipif(not avx512_available(), reason="times our avx512 module: not on this CPU")
 def test_cpu_op_times_covers_the_layer_with_our_calls():
     out = run("cpu_op_times.py", "--tokens", "64", "--d-model", "32", "--d-ff", "32",
               "--experts", "4", "--dtype", "float32", "--steps", "2", "--warmup", "1")  # fmt: skip
