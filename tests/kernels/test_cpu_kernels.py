@@ -169,10 +169,16 @@ def test_same_bits_whatever_the_thread_count(backend, counts, P, dtype):
     "counts, K, P",
     # 2048 values a row: bfloat16 rows 4 KB apart, float32 ones 8 KB, which fall into one set
     # of the L1 cache and are copied a line further apart first (cpu_gemm.cpp, RowCopy): x in
-    # the forward with the weight packed, dy in the input gradient by column panels
-    # (bfloat16) or streamed (float32 here; both dtypes in the last).
-    [([300, 0, 141], 2048, 24), ([300, 0, 141], 24, 2048), ([40, 0, 17, 65], 24, 2048)],
-    ids=["K2048", "P2048", "P2048_few_rows"],
+    # the forward with the weight packed (with P=300, A for three column blocks in turn, each
+    # expert's rows copied once), dy in the input gradient by column panels (bfloat16) or
+    # streamed (float32 here; both dtypes in the last).
+    [
+        ([300, 0, 141], 2048, 24),
+        ([300, 0, 141], 2048, 300),
+        ([300, 0, 141], 24, 2048),
+        ([40, 0, 17, 65], 24, 2048),
+    ],
+    ids=["K2048", "K2048_P300", "P2048", "P2048_few_rows"],
 )
 @pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
 @pytest.mark.parametrize("backend", OURS)
