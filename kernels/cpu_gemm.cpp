@@ -410,9 +410,10 @@ void pack_rows_by_row(const S* src, int64_t ld, int64_t k, int64_t cols, uint32_
 
 // One panel: rows (<= NR) of src (k along the row, row stride ld) transposed by words,
 // zero-padded: dst[kw][j] = word kw of row j. Sixteen rows by sixteen words at a time
-// through registers.
+// through registers. fetch: each load's line 16 rows further on is fetched into L2 (see
+// gmm_x_wt_packed_into).
 template <typename T>
-void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t k, uint32_t* dst) {
+void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t k, uint32_t* dst, bool fetch = false) {
   const int64_t kwords = words_for<T>(k), full = k / KW<T>;
   for (int h = 0; h < NR / 16; ++h) {
     for (int64_t kw0 = 0; kw0 < full; kw0 += 16) {
@@ -422,6 +423,7 @@ void pack_transposed(const T* src, int64_t ld, int64_t rows, int64_t k, uint32_t
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {
         const int64_t row = 16 * h + i;
+        if (fetch) _mm_prefetch((const char*)(src + (row + 16) * ld + KW<T> * kw0), _MM_HINT_T1);
         r[i] = row < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(lanes, src + row * ld + KW<T> * kw0))
                           : _mm512_setzero_ps();
       }
@@ -805,15 +807,21 @@ void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::v
     const W* rows = wp + (e * O + c0) * I;
     thread_local std::vector<T> rounded;
     const T* src;
+    // The weight rows come from memory where the tasks have few rows: the last task's
+    // multiplies fetched little of them ahead. The packing then fetches as it goes: at 4-12
+    // rows per expert 0.78-0.90x the time of the forward packed without (128 experts, both
+    // projections); at 28 rows and more it cost 1-3%.
+    bool fetch = false;
     if constexpr (std::is_same_v<T, W>) {
       src = rows;
+      fetch = b[e + 1] - b[e] < 16;
     } else {
       rounded.resize(width * I);
       round_to_bf16(rows, width * I, rounded.data());
       src = rounded.data();
     }
     for (int64_t p = 0; p * NR < width; ++p)
-      pack_transposed<T>(src + p * NR * I, I, std::min<int64_t>(NR, width - p * NR), I, panel + p * kwords * NR);
+      pack_transposed<T>(src + p * NR * I, I, std::min<int64_t>(NR, width - p * NR), I, panel + p * kwords * NR, fetch);
   }, [&](int64_t e, int64_t c0, int64_t width) {  // the task's weight rows: contiguous
     return Ahead::span(wp + (e * O + c0) * I, width * I * (int64_t)sizeof(W));
   }, mine);
@@ -908,19 +916,26 @@ constexpr int64_t PACKED_ROWS = 128;
 
 // Below that average, an expert's weight is still packed where its own rows make that
 // cheaper. In place, its rows go in 16-lane vectors, so a group costs whole 16-row blocks
-// (33 rows as much as 48); packed, its rows go 12 at a time through the micro-kernel after a
-// packing pass over its weight. Measured (forward, 2 cores, d=512, F=1024, 128 experts of r
-// rows each; time per expert in units of one in-place 16-row block): in place about
-// 0.2 + ceil(r/16) (r = 16, 32, 48, 64: 1.2, 2.0, 3.1, 4.1), packed 1 + ceil(r/12)/2 (2.0,
-// 2.4, 3.3, 4.2). Packed where that model says at least 10% less (33-36 rows, 49-60, 65 and
-// more), so that its errors cost little. Against reading every weight in place (A/B, 128
-// experts, both projections): uniform routing k=1 0.97-1.01x the time, k=2 0.94-0.95x;
-// skewed (Dirichlet 0.3) 0.85-0.93x. The other way, small experts read in place in a layer
-// that averages 128 rows, measured 1.02-1.04x at the `small` preset's shape with skewed
-// routing, and is not done.
+// (33 rows as much as 48, and a last odd vector nearly as much as a pair); packed, its rows
+// go 12 at a time through the micro-kernel after a packing pass over its weight, partly
+// hidden behind the multiplies. Measured (forward, both projections, bfloat16, d=512,
+// F=1024, 128 experts of r rows each, 2-core Zen 4), per expert in units of one packed row
+// (1.0 ms for all 128 from 20 rows on): in place 1 + 32.3 per pair of vectors + 20 for an odd
+// one (23.5 if it is the only one), r = 16, 32, 48, 64, 80, 96: 24.5, 33.0, 51.5, 64.7,
+// 85.0, 96.5; packed max(6.4 + r, 17 + 0.6 r), r = 4, 8, 12, 20, 40, 72, 128: 19.2, 21.0,
+// 23.7, 28.2, 45.9, 77.8, 134.5. Packed where that says at least 5% less (1-10 rows, 17-24,
+// 33-42, 49-55), and above 64 rows, as before: there the two were within a few percent
+// (uniform), and packing measured 0.85-0.93x with skewed routing. Against the model this
+// replaces (packed at 33-36, 49-60 and 65+ rows only), the forward at 128 experts (both
+// projections, A/B in one process): bfloat16 k=1 0.97x the time with uniform routing,
+// 0.91-0.94x skewed (Dirichlet 0.3, 1.0), k=2 0.97-0.99x; float32 k=1 0.91-0.95x, k=2
+// 0.97-1.01x; at 64 experts 0.99-1.01x.
 bool pack_costs_less(int64_t rows) {
-  const double in_place = 0.2 + (double)((rows + 15) / 16), packed = 1.0 + 0.5 * (double)((rows + 11) / 12);
-  return packed < 0.9 * in_place;
+  if (rows > 64) return true;
+  const int64_t vectors = (rows + 15) / 16;
+  const double in_place = 1.0 + 32.3 * (double)(vectors / 2) + (vectors == 1 ? 23.5 : vectors % 2 ? 20.0 : 0.0);
+  const double packed = std::max(6.4 + (double)rows, 17.0 + 0.6 * (double)rows);
+  return packed < 0.95 * in_place;
 }
 
 // out_float32: y in float32 straight from the accumulators (the router's logits).
