@@ -918,18 +918,18 @@ constexpr int64_t PACKED_ROWS = 128;
 // cheaper. In place, its rows go in 16-lane vectors, so a group costs whole 16-row blocks
 // (33 rows as much as 48, and a last odd vector nearly as much as a pair); packed, its rows
 // go 12 at a time through the micro-kernel after a packing pass over its weight, partly
-// hidden behind the multiplies. Measured (forward, both projections, bfloat16, d=512,
-// F=1024, 128 experts of r rows each, 2-core Zen 4), per expert in units of one packed row
-// (1.0 ms for all 128 from 20 rows on): in place 1 + 32.3 per pair of vectors + 20 for an odd
-// one (23.5 if it is the only one), r = 16, 32, 48, 64, 80, 96: 24.5, 33.0, 51.5, 64.7,
-// 85.0, 96.5; packed max(6.4 + r, 17 + 0.6 r), r = 4, 8, 12, 20, 40, 72, 128: 19.2, 21.0,
-// 23.7, 28.2, 45.9, 77.8, 134.5. Packed where that says at least 5% less (1-10 rows, 17-24,
-// 33-42, 49-55), and above 64 rows, as before: there the two were within a few percent
-// (uniform), and packing measured 0.85-0.93x with skewed routing. Against the model this
-// replaces (packed at 33-36, 49-60 and 65+ rows only), the forward at 128 experts (both
-// projections, A/B in one process): bfloat16 k=1 0.97x the time with uniform routing,
-// 0.91-0.94x skewed (Dirichlet 0.3, 1.0), k=2 0.97-0.99x; float32 k=1 0.91-0.95x, k=2
-// 0.97-1.01x; at 64 experts 0.99-1.01x.
+// hidden behind the multiplies. Measured: the forward of both projections, bfloat16, d=512,
+// F=1024, 128 experts of r rows each, 2-core Zen 4, in ms for all 128 experts (a packed row
+// costs about 1 ms there): in place 1 + 32.3 per pair of vectors + 20 for an odd one (23.5 if
+// it is the only one), r = 16, 32, 48, 64, 80, 96: 24.5, 33.0, 51.5, 64.7, 85.0, 96.5; packed
+// max(6.4 + r, 17 + 0.6 r), r = 4, 8, 12, 20, 40, 72, 128: 19.2, 21.0, 23.7, 28.2, 45.9,
+// 77.8, 134.5 (float32: about twice the times, in the same ratios). Packed where that model
+// says at least 5% less (1-10 rows, 17-24, 33-44, 49-55), and above 64 rows, as before:
+// there the two were within a few percent (uniform), and packing measured 0.85-0.93x with
+// skewed routing. Against the model this replaces (packed at 33-36, 49-60 and 65+ rows
+// only), the forward at 128 experts (both projections, A/B in one process): bfloat16 k=1
+// 0.97x the time with uniform routing, 0.91-0.94x skewed (Dirichlet 0.3, 1.0), k=2
+// 0.97-0.99x; float32 k=1 0.91-0.95x, k=2 0.97-1.01x; at 64 experts 0.99-1.01x.
 bool pack_costs_less(int64_t rows) {
   if (rows > 64) return true;
   const int64_t vectors = (rows + 15) / 16;

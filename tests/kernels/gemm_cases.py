@@ -19,8 +19,9 @@ CASES = {
     "many_rows_per_expert": ([701, 0, 411], 131, 150),
     # Under 128 rows per expert on average, where the forward reads each weight in place but
     # packs it for the experts whose own rows make that cheaper (cpu_gemm.cpp,
-    # pack_costs_less: 34, 50 and 70 rows here), in two passes over one output.
-    "mixed_paths": ([3, 70, 34, 0, 50, 17], 24, 40),
+    # pack_costs_less: 3, 70, 34 and 50 rows here; 28 and 12 in place), in two passes over
+    # one output.
+    "mixed_paths": ([3, 70, 34, 0, 50, 28, 12], 24, 40),
     # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
     # gmm_x_w_streamed_into: 504 rows of 520 bfloat16 or 252 of float32 read in place, 126
     # of a float32 weight packed), odd at the end.
