@@ -73,6 +73,48 @@ def builds(module: Callable[[], object], backend: str) -> bool:
     return True
 
 
+class Gate:
+    """Whether a CPU backend's kernels run here: the CPU has their instructions (``cpu_has``)
+    and ``module()`` builds, decided at the first eager call and kept. Inside a compiled
+    trace (no file reads or builds there) only what an eager call found out counts: a
+    compiled layer's GEMMs are opaque ops that decide again, eagerly, when they run."""
+
+    DTYPES = (torch.bfloat16, torch.float32)
+
+    def __init__(
+        self,
+        backend: str,
+        cpu_has: Callable[[], bool],
+        module: Callable[[], object],
+        needs: str,
+        lacks: str,
+    ):
+        self.backend, self.cpu_has, self.module = backend, cpu_has, module
+        self.needs, self.lacks = needs, lacks  # the CPU it needs, the flags a CPU may lack
+        self.decided: bool | None = None
+
+    def available(self) -> bool:
+        """Whether the CPU has the instructions and the kernels build (built on first call)."""
+        if self.decided is None:
+            self.decided = self.cpu_has() and builds(self.module, self.backend)
+        return self.decided
+
+    def supports(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype not in self.DTYPES:
+            return False
+        if torch.compiler.is_compiling():
+            return self.decided is True
+        return self.available()
+
+    def require(self, x: torch.Tensor) -> None:
+        if not self.supports(x):
+            lacking = "" if self.cpu_has() else f" (this CPU lacks {self.lacks})"
+            raise ValueError(
+                f"backend='{self.backend}' runs bfloat16 and float32 on {self.needs} where its "
+                f"kernels build; got {x.dtype} on {x.device.type}{lacking}; use backend='auto'"
+            )
+
+
 def build_directory(name: str) -> Path:
     """Where module ``name`` is built and cached: under ``TORCH_EXTENSIONS_DIR`` if set, else
     under torch's default (``~/.cache/torch_extensions``), which does not read that variable."""

@@ -46,43 +46,12 @@ def module():
     return cpu_build.load_extension("moe_cpu_gemm", SOURCES, build_flags())
 
 
-_available: bool | None = None  # None until the first eager call decides
-
-
-def avx512_available() -> bool:
-    """Whether this CPU has AVX512-BF16 and the kernels build (built here on first call)."""
-    global _available
-    if _available is None:
-        _available = cpu_has_avx512_bf16() and _builds()
-    return _available
-
-
-def _builds() -> bool:
-    return cpu_build.builds(module, "avx512")
-
-
-DTYPES = (torch.bfloat16, torch.float32)
-
-
-def supports(x_NI: Tensor) -> bool:
-    if x_NI.device.type != "cpu" or x_NI.dtype not in DTYPES:
-        return False
-    if torch.compiler.is_compiling():
-        # No file reads or builds inside a trace: what eager calls found out (a compiled
-        # layer's GEMMs are opaque ops that decide again, eagerly, when they run).
-        return _available is True
-    return avx512_available()
-
-
-def _require(x_NI: Tensor) -> None:
-    if not supports(x_NI):
-        raise ValueError(
-            "backend='avx512' runs bfloat16 and float32 on CPUs with AVX512-BF16 where its "
-            "kernels build; "
-            f"got {x_NI.dtype} on {x_NI.device.type}"
-            f"{'' if cpu_has_avx512_bf16() else ' (this CPU lacks avx512_bf16)'}; "
-            "use backend='auto'"
-        )
+_gate = cpu_build.Gate(
+    "avx512", cpu_has_avx512_bf16, module, needs="CPUs with AVX512-BF16", lacks="avx512_bf16"
+)
+avx512_available = _gate.available  # whether the CPU has it and the kernels build (built here)
+supports = _gate.supports
+_require = _gate.require
 
 
 def gmm(x_NI: Tensor, w_EIO: Tensor, offsets_E: Tensor, zero_tail: bool = True) -> Tensor:

@@ -23,7 +23,6 @@ from . import cpu_build
 
 SOURCE = str(Path(__file__).with_suffix(".cpp"))
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-DTYPES = (torch.bfloat16, torch.float32)
 
 
 def cpu_has_avx2() -> bool:
@@ -36,32 +35,12 @@ def module():
     return cpu_build.load_extension("moe_cpu_gemm_avx2", [SOURCE], CFLAGS)
 
 
-_available: bool | None = None  # None until the first eager call decides
-
-
-def avx2_available() -> bool:
-    """Whether this CPU has AVX2 and FMA and the kernels build (built here on first call)."""
-    global _available
-    if _available is None:
-        _available = cpu_has_avx2() and cpu_build.builds(module, "avx2")
-    return _available
-
-
-def supports(x_NI: Tensor) -> bool:
-    if x_NI.device.type != "cpu" or x_NI.dtype not in DTYPES:
-        return False
-    if torch.compiler.is_compiling():  # no file reads or builds inside a trace
-        return _available is True
-    return avx2_available()
-
-
-def _require(x_NI: Tensor) -> None:
-    if not supports(x_NI):
-        raise ValueError(
-            "backend='avx2' runs bfloat16 and float32 on x86 CPUs with AVX2 and FMA where its "
-            f"kernels build; got {x_NI.dtype} on {x_NI.device.type}"
-            f"{'' if cpu_has_avx2() else ' (this CPU lacks avx2 or fma)'}; use backend='auto'"
-        )
+_gate = cpu_build.Gate(
+    "avx2", cpu_has_avx2, module, needs="x86 CPUs with AVX2 and FMA", lacks="avx2 or fma"
+)
+avx2_available = _gate.available  # whether the CPU has it and the kernels build (built here)
+supports = _gate.supports
+_require = _gate.require
 
 
 # float32 groups of this many rows on average and more go to one library matmul per expert
