@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -516,7 +517,8 @@ template <typename T>
 struct RowCopy {
   int64_t src_ld;  // the source's row stride
   int64_t ld;      // the copy's row stride, or 0 where the rows are used where they lie
-  std::vector<T> rows;
+  std::unique_ptr<T[]> rows;  // not zeroed: every row is copied before it is read
+  int64_t capacity = 0;
   const T* kept_block = nullptr;  // the block of rows whose first `kept` are in `rows`
   int64_t kept = 0;
 
@@ -530,13 +532,21 @@ struct RowCopy {
     return bytes / (int64_t)sizeof(T);
   }
 
+  // Room for n rows (their contents are not kept when it grows).
+  void fit(int64_t n) {
+    if (capacity < n * ld) {
+      capacity = n * ld;
+      rows.reset(new T[capacity]);
+    }
+  }
+
   // n rows x cols from src as A reads them: {first element, row stride}.
   std::pair<const T*, int64_t> of(const T* src, int64_t n, int64_t cols) {
     if (!ld) return {src, src_ld};
     kept_block = nullptr;
-    if ((int64_t)rows.size() < n * ld) rows.resize(n * ld);
+    fit(n);
     for (int64_t r = 0; r < n; ++r) std::memcpy(&rows[r * ld], src + r * src_ld, cols * sizeof(T));
-    return {rows.data(), ld};
+    return {rows.get(), ld};
   }
 
   // Rows [r, r + n) of the block_rows x cols block at `block`, as `of` gives them, each row
@@ -551,10 +561,10 @@ struct RowCopy {
     if (block != kept_block) {
       kept_block = block;
       kept = 0;
-      if ((int64_t)rows.size() < block_rows * ld) rows.resize(block_rows * ld);
+      fit(block_rows);
     }
     for (; kept < r + n; ++kept) std::memcpy(&rows[kept * ld], block + kept * src_ld, cols * sizeof(T));
-    return {rows.data() + r * ld, ld};
+    return {rows.get() + r * ld, ld};
   }
 };
 
