@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .config import RopeScaling
+from .norm import RMSNorm
 
 
 def rotary_tables(
@@ -87,8 +88,8 @@ class Attention(nn.Module):
             "head": (head_dim, head_dim),
             "projection": (n_heads * head_dim, n_kv_heads * head_dim),
         }.get(qk_norm, (0, 0))
-        self.q_norm = nn.RMSNorm(q_width, eps=eps) if q_width else nn.Identity()
-        self.k_norm = nn.RMSNorm(k_width, eps=eps) if k_width else nn.Identity()
+        self.q_norm = RMSNorm(q_width, eps=eps) if q_width else nn.Identity()
+        self.k_norm = RMSNorm(k_width, eps=eps) if k_width else nn.Identity()
 
     def forward(self, x_BSD: Tensor, cos_SC: Tensor, sin_SC: Tensor) -> Tensor:
         q, k = self.q_proj(x_BSD), self.k_proj(x_BSD)

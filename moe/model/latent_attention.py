@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .attention import apply_rotary, yarn_mscale
 from .config import LatentAttentionConfig, RopeScaling
+from .norm import RMSNorm
 
 # DeepSeek's code builds the latent RMSNorms with their default epsilon, whatever the
 # model's rms_norm_eps; so do we, to compute what its checkpoints were trained with.
@@ -39,13 +40,13 @@ class LatentAttention(nn.Module):
         qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
         if mla.q_lora_rank:
             self.q_down = nn.Linear(d_model, mla.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(mla.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_norm = RMSNorm(mla.q_lora_rank, eps=LATENT_NORM_EPS)
             self.q_up = nn.Linear(mla.q_lora_rank, n_heads * qk_dim, bias=False)
         else:
             self.q_proj = nn.Linear(d_model, n_heads * qk_dim, bias=False)
         # One projection gives the latent and the rotary key (shared by all heads).
         self.kv_down = nn.Linear(d_model, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(mla.kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.kv_norm = RMSNorm(mla.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_up = nn.Linear(
             mla.kv_lora_rank, n_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
         )

@@ -20,6 +20,7 @@ from moe.layers import FeedForward, MoEAux, MoELayer
 from .attention import Attention, rotary_tables
 from .config import ModelConfig
 from .latent_attention import LatentAttention
+from .norm import RMSNorm
 
 CHECKPOINTING = ("none", "full", "moe")
 
@@ -39,7 +40,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         d = config.d_model
-        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(d, eps=config.norm_eps)
         if config.attention == "mla":
             self.attn = LatentAttention(d, config.n_heads, config.mla, config.rope_scaling)
         else:
@@ -52,7 +53,7 @@ class Block(nn.Module):
                 config.norm_eps,
                 config.qkv_bias,
             )
-        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(d, eps=config.norm_eps)
         self.is_moe = config.is_moe_block(index)
         self.ffn = MoELayer(d, config.moe) if self.is_moe else FeedForward(d, config.d_ff)
         self.checkpoint_ffn = False  # selective activation checkpointing of the MoE FFN
@@ -80,7 +81,7 @@ class MoETransformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=config.init_std)
         if config.tie_embeddings:
