@@ -105,14 +105,17 @@ struct WeightRows {
   }
 };
 
-// Memory fetched into cache ahead of its use, a line per k step of the micro-kernel: lines
-// [first, end) of a region of rows, each 2^shift lines long, their starts stride bytes apart
-// (a contiguous span: one row). take(n) hands the next n lines to one micro-kernel call.
+// Memory fetched into cache ahead of its use by the micro-kernel: lines [first, end) of a
+// region of rows, each 2^shift lines long, their starts stride bytes apart (a contiguous
+// span: one row). A call fetches a line per k step from its start, or, in the micro-kernels
+// built Spaced, one every 2^rate k steps. take(n) hands the next n lines to one call;
+// spread(n, kwords) too, at the slowest rate that fetches them all in kwords k steps.
 struct Ahead {
   const char* p = nullptr;
   int64_t first = 0, end = 0;
   int shift = 62;
   int64_t stride = 0;
+  int rate = 0;
 
   static Ahead span(const void* p, int64_t bytes) {
     return {(const char*)p, 0, p && bytes > 0 ? (bytes + 63) / 64 : 0};
@@ -129,6 +132,21 @@ struct Ahead {
     first = part.end;
     return part;
   }
+  Ahead spread(int64_t n, int64_t kwords) {
+    Ahead part = take(n);
+    while (part.rate < 16 && (kwords >> (part.rate + 1)) >= n) ++part.rate;
+    return part;
+  }
+  int64_t lines() const { return std::max<int64_t>(0, end - first); }
+  // Lines per call for `calls` calls of kwords k steps each: the lines over the first three
+  // quarters of the calls (the last ones then have time to arrive), or kwords, a line per k
+  // step from the start, where that takes less than a tenth of the calls (spread there, the
+  // input gradient at 8 experts took 1.01-1.05x the time).
+  int64_t per_call(int64_t calls, int64_t kwords) const {
+    if (lines() * 10 < calls * kwords) return kwords;
+    const int64_t spread_over = std::max<int64_t>(1, calls * 3 / 4);
+    return std::min(kwords, (lines() + spread_over - 1) / spread_over);
+  }
 };
 
 // c[r][v] = columns 16v..16v+15 of row r of the tile. Word (r, kw) of A is at a + r*a_rs + kw*a_ks
@@ -136,8 +154,8 @@ struct Ahead {
 // computes the first 16 columns only: for a panel's last columns where 16 or fewer are wanted
 // (experts with 33-48 rows would waste a third of their forward's multiplies otherwise:
 // 0.88-0.91x the time at 128 experts). epilogue(r, c[r]) takes each row of the tile from
-// registers when the sums are done. ahead: a line fetched per k step.
-template <typename T, int R, int NV, typename B, typename Epilogue>
+// registers when the sums are done. ahead: what the call fetches into cache (see Ahead).
+template <typename T, int R, int NV, bool Spaced, typename B, typename Epilogue>
 inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords,
                                                       bool k_odd, const B& b, const Ahead& ahead, Epilogue epilogue) {
   // The loops over c outside the k loop are unrolled by pragma: otherwise GCC keeps c on the
@@ -167,12 +185,22 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
   // the loop (as a member function or not).
   const char* const pf = ahead.p;
   const int64_t pf_first = ahead.first, pf_end = ahead.end, pf_stride = ahead.stride;
-  const int pf_shift = ahead.shift;
-  const int64_t pf_mask = (int64_t{1} << pf_shift) - 1;
+  const int pf_shift = ahead.shift, pf_rate = Spaced ? ahead.rate : 0;
+  const int64_t pf_mask = (int64_t{1} << pf_shift) - 1, pf_every = (int64_t{1} << pf_rate) - 1;
+  // Spaced: for the calls of the input gradients that spread their lines (Ahead::per_call):
+  // the next weight panel or block, fetched a line per k step from a task's start, came from
+  // memory in a burst that held up the multiplies' own loads (spread over the task: 0.93-0.98x
+  // the time of the in-projection's input gradient at 32-128 experts, the streamed
+  // out-projection's 0.92-0.97x at 128; bfloat16). Only there: the two more operations a k
+  // step cost 1-6% where every call fetches a line per k step (forward, float32).
   for (int64_t kw = 0; kw < kwords; ++kw) {
     const T* ak = a + kw * a_ks;
-    if (const int64_t i = pf_first + kw; i < pf_end)
+    if constexpr (Spaced) {
+      if (const int64_t i = pf_first + (kw >> pf_rate); i < pf_end && (kw & pf_every) == 0)
+        _mm_prefetch(pf + (i >> pf_shift) * pf_stride + ((i & pf_mask) << 6), _MM_HINT_T0);
+    } else if (const int64_t i = pf_first + kw; i < pf_end) {
       _mm_prefetch(pf + (i >> pf_shift) * pf_stride + ((i & pf_mask) << 6), _MM_HINT_T0);
+    }
     if constexpr (std::is_same_v<T, bf16>) step(kw, false, [&](int r) { return load_word(ak + r * a_rs); });
     else step(kw, false, [&](int r) { return ak[r * a_rs]; });
   }
@@ -185,10 +213,10 @@ inline __attribute__((always_inline)) void micro_tile(const T* a, int64_t a_rs, 
 }
 
 // The tile to acc: acc[2r], acc[2r+1] = row r.
-template <typename T, int R, int NV>
+template <typename T, int R, int NV, bool Spaced>
 void micro(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, bool k_odd, const uint32_t* b, __m512* acc,
            Ahead ahead) {
-  micro_tile<T, R, NV>(a, a_rs, a_ks, kwords, k_odd, PackedPanel{b}, ahead, [&](int r, const __m512(&row)[NV]) {
+  micro_tile<T, R, NV, Spaced>(a, a_rs, a_ks, kwords, k_odd, PackedPanel{b}, ahead, [&](int r, const __m512(&row)[NV]) {
     for (int v = 0; v < NV; ++v) acc[2 * r + v] = row[v];
   });
 }
@@ -205,17 +233,17 @@ constexpr auto by_rows(Instance instance) {
   return by_rows(instance, std::make_index_sequence<MR>{});
 }
 
-// MICRO<T>[cols <= 16][R]: the micro-kernel for R rows and up to 32 (or 16) columns.
-template <typename T>
-constexpr std::array MICRO = {by_rows([](auto r) { return &micro<T, decltype(r)::value, 2>; }),
-                              by_rows([](auto r) { return &micro<T, decltype(r)::value, 1>; })};
+// MICRO<T, Spaced>[cols <= 16][R]: the micro-kernel for R rows and up to 32 (or 16) columns.
+template <typename T, bool Spaced = false>
+constexpr std::array MICRO = {by_rows([](auto r) { return &micro<T, decltype(r)::value, 2, Spaced>; }),
+                              by_rows([](auto r) { return &micro<T, decltype(r)::value, 1, Spaced>; })};
 
 // A micro-kernel call on R rows of A stored row-major (row stride ld, k along the row), for
 // the first cols columns of the panel b.
-template <typename T>
+template <typename T, bool Spaced = false>
 void micro_rows(int R, int cols, const T* a, int64_t ld, int64_t k, const uint32_t* b, __m512* acc,
                 Ahead ahead = {}) {
-  MICRO<T>[cols <= 16][R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, ahead);
+  MICRO<T, Spaced>[cols <= 16][R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, ahead);
 }
 
 // Rows x cols of the tile to c (row stride ldc), as bfloat16 or float32.
@@ -251,7 +279,7 @@ inline void stream_row(float* c, __m512 lo, __m512 hi) {
 // pass through acc would cost a tenth of the multiplies.
 template <typename T, typename Out, int R>
 void micro_stream(const T* a, int64_t a_rs, int64_t a_ks, int64_t kwords, const uint32_t* b, Out* c, int64_t ldc) {
-  micro_tile<T, R, 2>(a, a_rs, a_ks, kwords, false, PackedPanel{b}, Ahead{},
+  micro_tile<T, R, 2, false>(a, a_rs, a_ks, kwords, false, PackedPanel{b}, Ahead{},
                       [&](int r, const __m512(&row)[2]) { stream_row(c + r * ldc, row[0], row[1]); });
 }
 
@@ -261,9 +289,9 @@ constexpr auto MICRO_STREAM = by_rows([](auto r) { return &micro_stream<T, Out, 
 
 // The micro-kernel for a full panel added to float32 sums (row stride lds): the input
 // gradient's at few rows per expert, B a packed panel or a weight's rows as they lie.
-template <typename T, typename B, int R>
+template <typename T, typename B, bool Spaced, int R>
 void micro_add(const T* a, int64_t a_rs, int64_t kwords, bool k_odd, B b, Ahead ahead, float* sums, int64_t lds) {
-  micro_tile<T, R, 2>(a, a_rs, KW<T>, kwords, k_odd, b, ahead, [&](int r, const __m512(&row)[2]) {
+  micro_tile<T, R, 2, Spaced>(a, a_rs, KW<T>, kwords, k_odd, b, ahead, [&](int r, const __m512(&row)[2]) {
     __m512 lo, hi;
     B::in_order(row, lo, hi);
     float* s = sums + r * lds;
@@ -272,9 +300,9 @@ void micro_add(const T* a, int64_t a_rs, int64_t kwords, bool k_odd, B b, Ahead 
   });
 }
 
-// MICRO_ADD<T, B>[R]: micro_add for R rows.
-template <typename T, typename B>
-constexpr auto MICRO_ADD = by_rows([](auto r) { return &micro_add<T, B, decltype(r)::value>; });
+// MICRO_ADD<T, B, Spaced>[R]: micro_add for R rows.
+template <typename T, typename B, bool Spaced>
+constexpr auto MICRO_ADD = by_rows([](auto r) { return &micro_add<T, B, Spaced, decltype(r)::value>; });
 
 // r as an array in memory, for a loop that indexes it by a run-time count: such an index into
 // r itself would keep all of r in memory, not only on that path.
@@ -668,8 +696,8 @@ void gmm_x_wt_into(const at::Tensor& x, const at::Tensor& w, const std::vector<i
 // y[g] = x[g] @ B_e with x as A, read in place, and B_e packed one panel of NC columns per
 // task by pack(e, c0, width, panel): the kernel of both weight layouts below. source(e, c0,
 // width) -> Ahead: what that packing reads, fetched into cache for a thread's next task while
-// the multiplies of its current one run.
-template <typename T, typename Out, typename Pack, typename Source>
+// the multiplies of its current one run; with Spread, over most of them (see micro_tile).
+template <typename T, typename Out, bool Spread, typename Pack, typename Source>
 void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<int64_t>& b, at::Tensor& y, Pack pack,
                    Source source, const Experts& mine = {}) {
   const int64_t I = x.size(1), kwords = words_for<T>(I);
@@ -693,12 +721,15 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
       Ahead ahead;
       const int64_t next = (t + 1) / splits;
       if (t + 1 < t1 && next != task) ahead = source(next / blocks, next % blocks * NC, std::min<int64_t>(NC, O - next % blocks * NC));
+      const int64_t per_call = Spread ? ahead.per_call((rows + MR - 1) / MR * ((width + NR - 1) / NR), kwords) : kwords;
       for (int64_t m0 = r_begin; m0 < r_begin + rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, r_begin + rows - m0);
         const auto [a, lda] = a_copy.of_block(xp + (b[e] + r_begin) * I, rows, m0 - r_begin, R, I);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
-          micro_rows<T>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, ahead.take(kwords));
+          const Ahead fetch = ahead.spread(per_call, kwords);
+          if (fetch.rate > 0) micro_rows<T, true>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, fetch);
+          else micro_rows<T, false>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, fetch);
           store_tile(acc, R, cols, yp + (b[e] + m0) * O + c0 + p * NR, O);
         }
       }
@@ -762,17 +793,19 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
         const int64_t next = k0 + KB < I ? e * I + k0 + KB : t + 1 < t1 ? parts[t + 1].e * I : E * I;
         const int64_t next_bytes = std::min(KB, E * I - next) * O * (int64_t)sizeof(W);
         Ahead ahead = Ahead::span(wp + next * O, next_bytes);
+        const int64_t per_call = ahead.per_call(panels * ((rows + MR - 1) / MR), kwords);
         const auto [x_block, ldx] = x_copy.of(xp + row0 * I + k0, rows, k);
         for (int64_t p = 0; p < panels; ++p) {
           const int cols = (int)std::min<int64_t>(NR, O - p * NR);
           for (int64_t m0 = 0; m0 < rows; m0 += MR) {
             const int R = (int)std::min<int64_t>(MR, rows - m0);
             const T* a = x_block + m0 * ldx;
-            const Ahead fetch = ahead.take(kwords);
+            const Ahead fetch = ahead.spread(per_call, kwords);
             float* s = &sums[m0 * width + p * NR];
             const bool k_odd = KW<T> == 2 && (k & 1);
             auto add_tile = [&](auto b) {
-              MICRO_ADD<T, decltype(b)>[R](a, ldx, k / KW<T>, k_odd, b, fetch, s, width);
+              if (fetch.rate > 0) MICRO_ADD<T, decltype(b), true>[R](a, ldx, k / KW<T>, k_odd, b, fetch, s, width);
+              else MICRO_ADD<T, decltype(b), false>[R](a, ldx, k / KW<T>, k_odd, b, fetch, s, width);
             };
             if constexpr (in_place) add_tile(WeightRows<T>{wp + (e * I + k0) * O + p * NR, O, cols});
             else add_tile(PackedPanel{&packed[p * panel_stride]});
@@ -796,7 +829,7 @@ template <typename T, typename W>
 void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), O = w.size(2);
   const W* wp = data<W>(w);
-  gmm_rows_into<T, T>(
+  gmm_rows_into<T, T, true>(
       x, w.size(0), O, b, y,
       [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) { pack_rows<T>(wp + e * I * O + c0, O, I, width, panel); },
       [&](int64_t e, int64_t c0, int64_t width) {  // the panel's rows: strided
@@ -813,7 +846,7 @@ void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::v
                           const Experts& mine) {
   const int64_t I = x.size(1), O = w.size(1), kwords = words_for<T>(I);
   const W* wp = data<W>(w);
-  gmm_rows_into<T, Out>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
+  gmm_rows_into<T, Out, false>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
     const W* rows = wp + (e * O + c0) * I;
     thread_local std::vector<T> rounded;
     const T* src;
