@@ -239,11 +239,12 @@ constexpr std::array MICRO = {by_rows([](auto r) { return &micro<T, decltype(r):
                               by_rows([](auto r) { return &micro<T, decltype(r)::value, 1, Spaced>; })};
 
 // A micro-kernel call on R rows of A stored row-major (row stride ld, k along the row), for
-// the first cols columns of the panel b.
-template <typename T, bool Spaced = false>
+// the first cols columns of the panel b; Spaced where ahead fetches at a slower rate.
+template <typename T>
 void micro_rows(int R, int cols, const T* a, int64_t ld, int64_t k, const uint32_t* b, __m512* acc,
                 Ahead ahead = {}) {
-  MICRO<T, Spaced>[cols <= 16][R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, ahead);
+  const auto& table = ahead.rate > 0 ? MICRO<T, true> : MICRO<T, false>;
+  table[cols <= 16][R](a, ld, KW<T>, k / KW<T>, KW<T> == 2 && (k & 1), b, acc, ahead);
 }
 
 // Rows x cols of the tile to c (row stride ldc), as bfloat16 or float32.
@@ -727,9 +728,7 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
         const auto [a, lda] = a_copy.of_block(xp + (b[e] + r_begin) * I, rows, m0 - r_begin, R, I);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
-          const Ahead fetch = ahead.spread(per_call, kwords);
-          if (fetch.rate > 0) micro_rows<T, true>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, fetch);
-          else micro_rows<T, false>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, fetch);
+          micro_rows<T>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, ahead.spread(per_call, kwords));
           store_tile(acc, R, cols, yp + (b[e] + m0) * O + c0 + p * NR, O);
         }
       }
@@ -804,8 +803,8 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
             float* s = &sums[m0 * width + p * NR];
             const bool k_odd = KW<T> == 2 && (k & 1);
             auto add_tile = [&](auto b) {
-              if (fetch.rate > 0) MICRO_ADD<T, decltype(b), true>[R](a, ldx, k / KW<T>, k_odd, b, fetch, s, width);
-              else MICRO_ADD<T, decltype(b), false>[R](a, ldx, k / KW<T>, k_odd, b, fetch, s, width);
+              const auto& table = fetch.rate > 0 ? MICRO_ADD<T, decltype(b), true> : MICRO_ADD<T, decltype(b), false>;
+              table[R](a, ldx, k / KW<T>, k_odd, b, fetch, s, width);
             };
             if constexpr (in_place) add_tile(WeightRows<T>{wp + (e * I + k0) * O + p * NR, O, cols});
             else add_tile(PackedPanel{&packed[p * panel_stride]});
@@ -829,7 +828,7 @@ template <typename T, typename W>
 void gmm_x_w_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), O = w.size(2);
   const W* wp = data<W>(w);
-  gmm_rows_into<T, T, true>(
+  gmm_rows_into<T, T, /*Spread=*/true>(
       x, w.size(0), O, b, y,
       [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) { pack_rows<T>(wp + e * I * O + c0, O, I, width, panel); },
       [&](int64_t e, int64_t c0, int64_t width) {  // the panel's rows: strided
@@ -846,7 +845,7 @@ void gmm_x_wt_packed_into(const at::Tensor& x, const at::Tensor& w, const std::v
                           const Experts& mine) {
   const int64_t I = x.size(1), O = w.size(1), kwords = words_for<T>(I);
   const W* wp = data<W>(w);
-  gmm_rows_into<T, Out, false>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
+  gmm_rows_into<T, Out, /*Spread=*/false>(x, w.size(0), O, b, y, [&](int64_t e, int64_t c0, int64_t width, uint32_t* panel) {
     const W* rows = wp + (e * O + c0) * I;
     thread_local std::vector<T> rounded;
     const T* src;
