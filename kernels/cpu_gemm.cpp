@@ -134,7 +134,8 @@ struct Ahead {
   }
   Ahead spread(int64_t n, int64_t kwords) {
     Ahead part = take(n);
-    while (part.rate < 16 && (kwords >> (part.rate + 1)) >= n) ++part.rate;
+    const int64_t got = part.lines();  // none once the lines run out: then no rate
+    while (got > 0 && (kwords >> (part.rate + 1)) >= got) ++part.rate;
     return part;
   }
   int64_t lines() const { return std::max<int64_t>(0, end - first); }
