@@ -342,16 +342,26 @@ std::vector<at::Tensor> router_linear_backward(const at::Tensor& x, const at::Te
               wv[j] = load16(wpad.data() + (c + j) * D + d, m);
               acc[j] = _mm512_setzero_ps();
             }
-            for (int64_t t = r0; t < r1; ++t) {
-              const __m512 v = load16(xp + t * D + d, m);
-              __m512 gt = _mm512_loadu_ps(&g[(t - r0) * 16]);
-              for (int j = 0; j < EC; ++j) {
-                const __m512 s = _mm512_set1_ps(c + j < E ? dl[t * E + c + j] : 0.0f);
-                gt = _mm512_fmadd_ps(s, wv[j], gt);
-                acc[j] = _mm512_fmadd_ps(s, v, acc[j]);
+            // R rows at a time: each row's dx is a chain of EC dependent multiply-adds, and one
+            // row alone left the FMA units waiting on it (0.2 ms for 2048 rows of 128).
+            auto rows = [&](auto r_const, int64_t t) {
+              constexpr int R = decltype(r_const)::value;
+              __m512 v[R], gt[R];
+              for (int i = 0; i < R; ++i) {
+                v[i] = load16(xp + (t + i) * D + d, m);
+                gt[i] = _mm512_loadu_ps(&g[(t + i - r0) * 16]);
               }
-              _mm512_storeu_ps(&g[(t - r0) * 16], gt);
-            }
+              for (int j = 0; j < EC; ++j)
+                for (int i = 0; i < R; ++i) {
+                  const __m512 s = _mm512_set1_ps(c + j < E ? dl[(t + i) * E + c + j] : 0.0f);
+                  gt[i] = _mm512_fmadd_ps(s, wv[j], gt[i]);
+                  acc[j] = _mm512_fmadd_ps(s, v[i], acc[j]);
+                }
+              for (int i = 0; i < R; ++i) _mm512_storeu_ps(&g[(t + i - r0) * 16], gt[i]);
+            };
+            int64_t t = r0;
+            for (; t + 4 <= r1; t += 4) rows(std::integral_constant<int, 4>{}, t);
+            for (; t < r1; ++t) rows(std::integral_constant<int, 1>{}, t);
             for (int j = 0; j < EC; ++j) store16(&partial[(blk * E8 + c + j) * D + d], acc[j], m);
           }
           for (int64_t t = r0; t < r1; ++t) store16(dxp + t * D + d, _mm512_loadu_ps(&g[(t - r0) * 16]), m);
