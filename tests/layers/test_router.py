@@ -177,3 +177,38 @@ def test_cpu_kernel_router_with_huge_logits_matches_pytorch(score, monkeypatch):
     )
     for a, b in [(out.z_loss, ref.z_loss), (out.entropy, ref.entropy)]:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@on_cpu
+@pytest.mark.skipif(
+    not cpu_router.usable(torch.zeros(1, 1)), reason="needs our CPU kernels (AVX512-BF16)"
+)
+@pytest.mark.parametrize("rows", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, D", [(1, 3), (7, 24), (8, 16), (259, 40)])
+def test_cpu_float32_router_linear_matches_float64(T, D, rows):
+    """The float32 linear kernels under the router (a float32 weight, rows as autocast gives
+    them): the logits and both gradients against float64, at every expert count up to the
+    kernel's limit that changes its register blocks (one 16-expert vector or two, a partial
+    last one), row counts around its 8-row blocks and widths past the 16-lane tails."""
+    kernels = cpu_router.cpu_gemm.module()
+    g = torch.Generator().manual_seed(T + D)
+    for E in (1, 8, 15, 16, 17, 31, kernels.router_linear_experts):
+        x = torch.randn(T, D, generator=g).to(rows)
+        w = torch.randn(E, D, generator=g)
+        dl = torch.randn(T, E, generator=g)
+        logits = kernels.router_logits(x, w)
+        dx, dw = kernels.router_linear_backward(x, w, dl)
+        x64, w64, dl64 = x.double(), w.double(), dl.double()
+
+        def sums_close(got, a, b):
+            """float32 sums of a @ b: off by a few float32 roundings of the summed magnitudes."""
+            err = (got.double() - a @ b).abs()
+            assert (err <= (a.abs() @ b.abs()) * 2**-20 + 1e-30).all(), err.max()
+
+        sums_close(logits, x64, w64.T)
+        sums_close(dw, dl64.T, x64)
+        if rows == torch.float32:
+            sums_close(dx, dl64, w64)
+        else:  # dx in the rows' dtype: one rounding to bfloat16
+            torch.testing.assert_close(dx, (dl64 @ w64).to(rows), rtol=2**-7, atol=1e-5)
+        assert (logits.dtype, dx.dtype, dw.dtype) == (torch.float32, rows, torch.float32)
