@@ -295,7 +295,7 @@ at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w) {
       std::vector<float> xs(RB * D);  // the block's rows in float32, to broadcast from memory
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t t0 = b * RB, rows = std::min<int64_t>(RB, T - t0);
-        std::fill(xs.begin(), xs.end(), 0.0f);
+        std::fill(xs.begin() + rows * D, xs.end(), 0.0f);  // a last block's missing rows
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t d = 0; d < D; d += 16)
             store16(&xs[r * D + d], load16(xp + (t0 + r) * D + d, first_lanes(D - d)), first_lanes(D - d));
