@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from moe.kernels import cpu_router
+from moe.kernels import cpu_gemm, cpu_router
 
 from moe.layers import MoEConfig, MoELayer, Router
 from tests.reference import on_cpu, reference_moe
@@ -190,7 +190,7 @@ def test_cpu_float32_router_linear_matches_float64(T, D, rows):
     them): the logits and both gradients against float64, at every expert count up to the
     kernel's limit that changes its register blocks (one 16-expert vector or two, a partial
     last one), row counts around its 8-row blocks and widths past the 16-lane tails."""
-    kernels = cpu_router.cpu_gemm.module()
+    kernels = cpu_gemm.module()
     g = torch.Generator().manual_seed(T + D)
     for E in (1, 8, 15, 16, 17, 31, kernels.router_linear_experts):
         x = torch.randn(T, D, generator=g).to(rows)
