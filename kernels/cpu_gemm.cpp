@@ -723,13 +723,15 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
       Ahead ahead;
       const int64_t next = (t + 1) / splits;
       if (t + 1 < t1 && next != task) ahead = source(next / blocks, next % blocks * NC, std::min<int64_t>(NC, O - next % blocks * NC));
-      const int64_t per_call = Spread ? ahead.per_call((rows + MR - 1) / MR * ((width + NR - 1) / NR), kwords) : kwords;
+      const int64_t per_call = Spread ? ahead.per_call((rows + MR - 1) / MR * ((width + NR - 1) / NR), kwords) : 0;
       for (int64_t m0 = r_begin; m0 < r_begin + rows; m0 += MR) {
         const int R = (int)std::min<int64_t>(MR, r_begin + rows - m0);
         const auto [a, lda] = a_copy.of_block(xp + (b[e] + r_begin) * I, rows, m0 - r_begin, R, I);
         for (int64_t p = 0; p * NR < width; ++p) {
           const int cols = (int)std::min<int64_t>(NR, width - p * NR);
-          micro_rows<T>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, ahead.spread(per_call, kwords));
+          // Not Spread: a line per k step from each call's start, the last call's few lines too.
+          const Ahead fetch = Spread ? ahead.spread(per_call, kwords) : ahead.take(kwords);
+          micro_rows<T>(R, cols, a, lda, I, &panel[p * kwords * NR], acc, fetch);
           store_tile(acc, R, cols, yp + (b[e] + m0) * O + c0 + p * NR, O);
         }
       }
