@@ -27,3 +27,13 @@ CASES = {
     # of a float32 weight packed), odd at the end.
     "long_reduction": ([40, 0, 17, 65], 601, 520),
 }
+
+# Outputs past 2 MB in bfloat16 (and float32), which the avx512 kernels write with streaming
+# stores where a tile row covers whole lines (cpu_gemm.cpp, STREAM_BYTES): rows of 1030 and
+# 1000 columns, so that some rows start on a line and some do not, and a last panel is
+# partial. Many rows per expert (the packed forward, the input gradient by column panels)
+# and few (the streamed input gradient, the forward packed per expert over 64 rows).
+WIDE_CASES = {
+    "wide_many_rows": ([600, 0, 500], 1000, 1030),
+    "wide_few_rows": ([90, 0, 100, 120, 95, 110, 100, 85, 105, 98, 0, 97], 1000, 1100),
+}

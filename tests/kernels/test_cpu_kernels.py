@@ -9,7 +9,7 @@ from moe.kernels import cpu_gemm, cpu_gemm_avx2, grouped_mm
 from moe.kernels.cpu_gemm import avx512_available
 from moe.kernels.cpu_gemm_avx2 import avx2_available
 
-from tests.kernels.gemm_cases import CASES
+from tests.kernels.gemm_cases import CASES, WIDE_CASES
 from tests.reference import generator, on_cpu, reference_gmm
 
 OURS = [
@@ -31,13 +31,13 @@ OURS = [
 @on_cpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["EKP", "EPK_view"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *WIDE_CASES])
 @pytest.mark.parametrize("backend", OURS)
 def test_matches_float64_on_the_same_inputs(backend, case, transposed, dtype):
     """The kernels multiply exactly and accumulate in float32, so against float64 on the
     same inputs only the final rounding (bfloat16: 2^-9 relative) and float32 sums remain;
     an empty expert's weight gradient is exactly zero."""
-    counts, K, P = CASES[case]
+    counts, K, P = {**CASES, **WIDE_CASES}[case]
     E, N = len(counts), sum(counts)
     offsets = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
     g = generator(N * 5 + K)
