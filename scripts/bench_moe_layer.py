@@ -65,7 +65,13 @@ def parse_args() -> argparse.Namespace:
         default="deepspeed,transformers",
         help="peers to time: deepspeed, transformers, transformers_grouped_mm",
     )
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=9,
+        help="timed repetitions per implementation (on a 2-core VM, medians of 5 moved by "
+        "up to 5%% between runs)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--budget-s",
