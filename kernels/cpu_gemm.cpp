@@ -780,10 +780,14 @@ void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::
   // Rows per block, even, so that a block never splits a bfloat16 pair. Read as it lies, a
   // block sets only the k-steps of a micro-kernel call and the span fetched ahead: 512 KB
   // measured 0.90-1.00x the time of 256 KB (the packed blocks' size; bfloat16, 128 experts,
-  // k=1 and 2; float32 0.93-1.01x), 1 MB 0.98-1.22x that of 512 KB.
+  // k=1 and 2; float32 0.93-1.01x), 1 MB 0.98-1.22x that of 512 KB. And at most 256 rows:
+  // 512 rows of a 512-column weight (the in-projection's input gradient, d=512) took
+  // 1.02-1.06x the time of 256 (bfloat16, 64 and 128 experts; the layer at 128 experts
+  // 0.98-0.99x the time with the cap), where 128 rows of a wider one took 1.03-1.04x that of 256.
   constexpr bool in_place = std::is_same_v<T, W>;
   const int64_t block_bytes = in_place ? IN_PLACE_BLOCK_BYTES : BLOCK_BYTES;
-  const int64_t KB = std::max<int64_t>(2, block_bytes / std::max<int64_t>(1, O * (int64_t)sizeof(W)) & ~int64_t{1});
+  const int64_t KB =
+      std::clamp<int64_t>(block_bytes / std::max<int64_t>(1, O * (int64_t)sizeof(W)) & ~int64_t{1}, 2, 256);
   const T* xp = data<T>(x);
   const W* wp = data<W>(w);
   T* yp = data<T>(y);
