@@ -40,7 +40,7 @@ def test_bfloat16_autocast_matches_torch_bitwise_without_a_warning():
         warnings.simplefilter("ignore")  # torch's own path warns here: the reason for ours
         want = forward_backward(theirs, x, grad)
     assert got[0].dtype == torch.bfloat16
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
 
 
@@ -76,6 +76,7 @@ out.logits.float().square().mean().backward()
 
 def test_a_bfloat16_autocast_model_step_raises_no_norm_warning():
     root = Path(__file__).resolve().parents[2]
-    run = subprocess.run([sys.executable, "-c", MODEL_STEP], cwd=root, capture_output=True, text=True)
+    command = [sys.executable, "-c", MODEL_STEP]
+    run = subprocess.run(command, cwd=root, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "Mismatch dtype" not in run.stderr
