@@ -25,8 +25,18 @@ from moe.layers import FeedForward, MoEConfig, MoELayer
 from moe.train.host_memory import keep_freed_host_memory
 
 
+def call_label(name: str, args) -> str:
+    """``name`` and the shapes of its matrix operands, e.g. ``gmm_x_w 4096x256 1x256x512``:
+    the router's GEMMs (one group) apart from the experts' and the two projections apart."""
+    shapes = [
+        "x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2
+    ]
+    return " ".join([name, *shapes])
+
+
 class TimedModule:
-    """Our compiled module with every call's wall-clock seconds added to ``spent[name]``."""
+    """Our compiled module with every call's wall-clock seconds added to ``spent[label]``
+    (``call_label``)."""
 
     def __init__(self, module):
         self.module = module
@@ -42,7 +52,7 @@ class TimedModule:
             try:
                 return attr(*args, **kwargs)
             finally:
-                self.spent[name] += time.perf_counter() - start
+                self.spent[call_label(name, args)] += time.perf_counter() - start
 
         return timed
 
@@ -104,7 +114,7 @@ def main() -> None:
             f"{layer_ms - sum(med.values()):.1f}"
         )
         for name, ms in sorted(med.items(), key=lambda kv: -kv[1]):
-            print(f"    {name:24s} {ms:7.2f}")
+            print(f"    {name:48s} {ms:7.2f}")
 
 
 if __name__ == "__main__":

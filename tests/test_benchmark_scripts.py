@@ -94,10 +94,15 @@ def test_cpu_op_times_covers_the_layer_with_our_calls():
     head = re.search(r"E=4: layer ([\d.]+), dense FFN ([\d.]+) .* in our calls ([\d.]+)", out)
     assert head, out
     layer_ms, dense_ms, ours_ms = map(float, head.groups())
-    ops = dict(re.findall(r"^ +(\w+) +([\d.]+)$", out, re.MULTILINE))
+    # A line per call site: the function, its operands' shapes, its milliseconds.
+    ops = re.findall(r"^ {4}(\w+)((?: \d+(?:x\d+)+)*) +([\d.]+)$", out, re.MULTILINE)
     # Every GEMM of the experts and SwiGLU ran through our module, inside the layer's time.
-    assert {"gmm_x_wt", "gmm_x_w", "gmm_at_b", "swiglu_forward", "swiglu_backward"} <= set(ops)
-    assert sum(map(float, ops.values())) == pytest.approx(ours_ms, abs=0.05 * len(ops))
+    names = {name for name, _, _ in ops}
+    assert {"gmm_x_wt", "gmm_x_w", "gmm_at_b", "swiglu_forward", "swiglu_backward"} <= names
+    assert sum(float(ms) for _, _, ms in ops) == pytest.approx(ours_ms, abs=0.05 * len(ops))
+    # The two projections' forward GEMMs apart (4 experts: [2F, D] = 64x32 and [D, F] = 32x32).
+    labels = {name + shapes for name, shapes, _ in ops}
+    assert {"gmm_x_wt 64x32 4x64x32", "gmm_x_wt 64x32 4x32x32"} <= labels, labels
     assert 0 < ours_ms <= layer_ms and dense_ms > 0
 
 
