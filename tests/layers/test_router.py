@@ -72,7 +72,7 @@ FUSED_SETTINGS = [
     ("softmax", "renormalize", 2.5, False, "micro", 5, 1),
     ("sigmoid", "switch", 1.0, True, "global", 8, 2),
     ("sigmoid", "renormalize", 1.0, True, "micro", 7, 4),
-    ("softmax", "switch", 0.5, True, "global", 64, 3),  # float32 logits: a library GEMM
+    ("softmax", "switch", 0.5, True, "global", 64, 3),  # float32 weight: our float32 GEMMs
     ("sigmoid", "switch", 1.0, False, "micro", 32, 2),  # the most of our float32 logits kernel
 ]
 
