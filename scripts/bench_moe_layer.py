@@ -11,6 +11,10 @@ implementations rotates between repetitions.
   the expert weights three times (read in forward, read in backward, write the gradient),
   the latter measured in the same run with a copy plus a read of buffers of that size.
 - ``speedup_vs_<peer>``: peer time / our time on the same configuration.
+- cost growth: our first backend at the largest expert count over the same at the smallest,
+  per dtype and k, both layers interleaved in one loop on the same inputs (rows with
+  ``impl`` "growth"). The grid's configurations run minutes apart, and this VM's speed drifts
+  by 5-10% over minutes; interleaved, the drift hits both alike.
 
 On the CPU the process keeps freed memory for reuse, as the trainer does
 (``moe/train/host_memory.py``; ``--host-memory release`` measures without it).
@@ -234,6 +238,67 @@ def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
     return rows
 
 
+def bench_growth(args, k: int, dtype_name: str, experts: list[int]) -> dict:
+    """Our first backend at the smallest and the largest expert count, interleaved on the
+    same inputs (the order alternates): the time ratio, largest over smallest."""
+    dtype, backend = DTYPES[dtype_name], args.backends.split(",")[0]
+    small, large = min(experts), max(experts)
+    gate_mode = "switch" if k == 1 else "renormalize"
+    impls = []
+    for E in (small, large):
+        torch.manual_seed(0)
+        cfg = MoEConfig(
+            num_experts=E, top_k=k, d_ff=args.d_ff, gate_mode=gate_mode, backend=backend
+        )
+        layer = MoELayer(args.d_model, cfg).to(args.device, dtype)
+        impl = Impl(f"E={E}", layer, lambda x, m=layer: m(x)[0])
+        impls.append(compiled(impl, args.compile) if args.compile != "none" else impl)
+    g = torch.Generator().manual_seed(2)
+    times: list[list[float]] = [[], []]
+    for rep in range(args.warmup + args.reps):
+        x, grad = (torch.randn(args.tokens, args.d_model, generator=g) for _ in range(2))
+        x, grad = x.to(args.device, dtype), grad.to(args.device, dtype)
+        order = (0, 1) if rep % 2 == 0 else (1, 0)
+        for i in order:
+            ms = fwd_bwd_time(impls[i], x, grad, args.device)
+            if rep >= args.warmup:
+                times[i].append(ms)
+    base_ms, ms = (statistics.median(t) for t in times)
+    return {
+        "impl": "growth",
+        "backend": backend,
+        "dtype": dtype_name,
+        "num_experts": large,
+        "base_experts": small,
+        "top_k": k,
+        "tokens": args.tokens,
+        "d_model": args.d_model,
+        "d_ff": args.d_ff,
+        "ms": round(ms, 3),
+        "base_ms": round(base_ms, 3),
+        "growth": round(ms / base_ms, 3),
+        "samples": args.reps,
+        "compile": args.compile,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
+
+
+def print_growth(rows: list[dict]) -> None:
+    print("cost growth, interleaved in one loop (time at the largest E over the smallest):")
+    print(" | ".join(f"{h:>12}" for h in ["dtype", "k", "backend", "E", "ms", "ms_base", "growth"]))
+    for r in rows:
+        cells = [
+            r["dtype"],
+            r["top_k"],
+            r["backend"],
+            f"{r['base_experts']}->{r['num_experts']}",
+            f"{r['ms']:.1f}",
+            f"{r['base_ms']:.1f}",
+            f"{r['growth']:.3f}",
+        ]
+        print(" | ".join(f"{c!s:>12}" for c in cells))
+
+
 def print_table(rows: list[dict]) -> None:
     peers = sorted({key for r in rows for key in r if key.startswith("speedup_vs_")})
     head = ["dtype", "E", "k", "impl", "ms", "%dense", "%limit", "maxdiff"] + [
@@ -277,13 +342,27 @@ def main() -> None:
     print(f"warm-up: {dtype_name} E={E} k={k} (not reported) ...", flush=True)
     bench_config(args, E, k, dtype_name)
     rows = []
+
+    def save():  # after every measurement, so a run cut short keeps its rows
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
     for dtype_name, E, k in configs:
         print(f"{dtype_name} E={E} k={k} ...", flush=True)
         rows += bench_config(args, E, k, dtype_name)
-        if args.json:  # after every configuration, so a run cut short keeps its rows
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        save()
     print_table(rows)
+    experts = sorted({E for _, E, _ in configs})
+    if len(experts) >= 2:
+        growth = []
+        for dtype_name in args.dtypes.split(","):
+            for k in map(int, args.top_k.split(",")):
+                print(f"growth {dtype_name} k={k} E={experts[0]} vs {experts[-1]} ...", flush=True)
+                growth.append(bench_growth(args, k, dtype_name, experts))
+                rows.append(growth[-1])
+                save()
+        print_growth(growth)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def test_layer_benchmark_measures_every_cell(tmp_path):
     run("bench_moe_layer.py", *GRID, "--dtypes", "float32", "--backends", "auto", "--peers", "",
         "--reps", "2", "--warmup", "1", "--json", str(out))  # fmt: skip
     rows = json.loads(out.read_text())
+    growth = [r for r in rows if r["impl"] == "growth"]
+    rows = [r for r in rows if r["impl"] != "growth"]
     ms = {(*cell(r), r["impl"]): r["ms"] for r in rows}
     assert set(ms) == {(E, k, i) for E in (4, 6) for k in (1, 2) for i in ("ours_auto", "dense")}
     for r in rows:
@@ -44,6 +46,14 @@ def test_layer_benchmark_measures_every_cell(tmp_path):
         assert r["pct_of_dense"] == pytest.approx(100 * dense / r["ms"], rel=0.02, abs=0.2)
         assert r["pct_of_limit"] >= r["pct_of_dense"] - 0.1  # the limit is at least dense
     assert all(r["max_abs_diff_vs_ours"] == 0 for r in rows if r["impl"] == "ours_auto")
+    # The cost growth, E=6 over E=4, measured interleaved: one row per k.
+    assert sorted((r["top_k"], r["base_experts"], r["num_experts"]) for r in growth) == [
+        (1, 4, 6),
+        (2, 4, 6),
+    ]
+    for r in growth:
+        assert r["ms"] > 0 and r["base_ms"] > 0 and r["samples"] == 2
+        assert r["growth"] == pytest.approx(r["ms"] / r["base_ms"], rel=0.01)
 
 
 def test_experts_alone_benchmark_measures_every_cell(tmp_path):
