@@ -760,9 +760,10 @@ void gmm_rows_into(const at::Tensor& x, int64_t E, int64_t O, const std::vector<
   });
 }
 
-// Of the weight per block in gmm_x_w_streamed_into: packed, or read as it lies.
+// Of the weight per block in gmm_x_w_streamed_into (see there).
 constexpr int64_t BLOCK_BYTES = 256 << 10;
-constexpr int64_t IN_PLACE_BLOCK_BYTES = 512 << 10;
+constexpr int64_t MAX_BLOCK_BYTES = 512 << 10;
+constexpr int64_t MIN_BLOCK_WORDS = 128;
 
 // y[g] = x[g] @ w[e] with w [E, I, O] contiguous, for experts with few rows (see gmm_x_w):
 // the weight a block of KB rows at a time across all its columns (contiguous, fetched into
@@ -777,17 +778,20 @@ template <typename T, typename W>
 void gmm_x_w_streamed_into(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& b, at::Tensor& y) {
   const int64_t I = x.size(1), E = w.size(0), O = w.size(2);
   const int64_t panels = (O + NR - 1) / NR, width = panels * NR;  // sums' row stride
-  // Rows per block, even, so that a block never splits a bfloat16 pair. Read as it lies, a
-  // block sets only the k-steps of a micro-kernel call and the span fetched ahead: 512 KB
-  // measured 0.90-1.00x the time of 256 KB (the packed blocks' size; bfloat16, 128 experts,
-  // k=1 and 2; float32 0.93-1.01x), 1 MB 0.98-1.22x that of 512 KB. And at most 256 rows:
-  // 512 rows of a 512-column weight (the in-projection's input gradient, d=512) took
-  // 1.02-1.06x the time of 256 (bfloat16, 64 and 128 experts; the layer at 128 experts
-  // 0.98-0.99x the time with the cap), where 128 rows of a wider one took 1.03-1.04x that of 256.
+  // Rows per block, even, so that a block never splits a bfloat16 pair: BLOCK_BYTES of the
+  // weight, and at most 256 rows. Read as it lies, a block sets only the k-steps of a
+  // micro-kernel call and the span fetched ahead, and it grows to MIN_BLOCK_WORDS k-words a
+  // call within MAX_BLOCK_BYTES: a call's sums are added to memory after its k-steps, and 64
+  // k-words a call took 1.02-1.03x the time of 128 (the out-projection's input gradient, d=512,
+  // F=1024, 128 experts: bfloat16 128 rows of 2 KB, float32 64 of 4 KB). Past that, the block
+  // and the next one fetched ahead fill the 1 MB L2: float32 256 rows of 2 KB took 1.02-1.05x
+  // the time of 128 (the in-projection's, 64 and 128 experts), 1 MB blocks 0.98-1.22x that of
+  // 512 KB. And 512 rows of a 512-column bfloat16 weight took 1.02-1.06x the time of 256 (64
+  // and 128 experts; the layer at 128 experts 0.98-0.99x the time with the cap).
   constexpr bool in_place = std::is_same_v<T, W>;
-  const int64_t block_bytes = in_place ? IN_PLACE_BLOCK_BYTES : BLOCK_BYTES;
-  const int64_t KB =
-      std::clamp<int64_t>(block_bytes / std::max<int64_t>(1, O * (int64_t)sizeof(W)) & ~int64_t{1}, 2, 256);
+  const int64_t row_bytes = std::max<int64_t>(1, O * (int64_t)sizeof(W));
+  const int64_t fill = in_place ? std::min(MIN_BLOCK_WORDS * KW<T>, MAX_BLOCK_BYTES / row_bytes) : 0;
+  const int64_t KB = std::clamp<int64_t>(std::max(BLOCK_BYTES / row_bytes, fill) & ~int64_t{1}, 2, 256);
   const T* xp = data<T>(x);
   const W* wp = data<W>(w);
   T* yp = data<T>(y);

@@ -23,7 +23,7 @@ CASES = {
     # one output.
     "mixed_paths": ([3, 70, 34, 0, 50, 28, 12], 24, 40),
     # A reduction over several of the input gradient's weight blocks (cpu_gemm.cpp,
-    # gmm_x_w_streamed_into: 256 rows of a bfloat16 weight or 252 of float32 read in place,
+    # gmm_x_w_streamed_into: 256 rows of a bfloat16 weight or 128 of float32 read in place,
     # 126 of a float32 weight packed), odd at the end.
     "long_reduction": ([40, 0, 17, 65], 601, 520),
 }
