@@ -71,6 +71,14 @@ struct PackedPanel {
 // columns, so that nothing is packed. A bfloat16 word row is built in registers from two
 // rows (vpunpck{l,h}wd), which pairs the columns within 128-bit quarters: c[r][0] gets
 // columns 0-3, 8-11, 16-19, 24-27 and c[r][1] the others (in_order puts them back).
+// Each k step also fetches the panel's word row FETCH_WORDS_AHEAD further down (past the
+// block: the next block's) into cache. The block fetched ahead as a whole (Ahead, in
+// gmm_x_w_streamed_into) had not all arrived when its first row tile passed: at 32 rows per
+// expert (128 experts, d=512, F=1024) the input gradients took 0.93-0.98x the time with this
+// (bfloat16 and float32, both projections), at 64 rows 0.94-1.00x, at 32 rows of 8 experts
+// level. The same layout with the weights held in cache had taken 0.92-0.96x.
+constexpr int64_t FETCH_WORDS_AHEAD = 48;
+
 template <typename T>
 struct WeightRows {
   const T* b;
@@ -82,12 +90,16 @@ struct WeightRows {
     if constexpr (std::is_same_v<T, bf16>) {
       const __mmask32 m = cols >= 32 ? ~0u : (1u << cols) - 1;
       const bf16* row = b + 2 * kw * ld;
+      _mm_prefetch((const char*)(row + 2 * FETCH_WORDS_AHEAD * ld), _MM_HINT_T0);
+      _mm_prefetch((const char*)(row + (2 * FETCH_WORDS_AHEAD + 1) * ld), _MM_HINT_T0);
       const __m512i lo = _mm512_maskz_loadu_epi16(m, row);
       const __m512i hi = last_odd ? _mm512_setzero_si512() : _mm512_maskz_loadu_epi16(m, row + ld);
       bv[0] = _mm512_unpacklo_epi16(lo, hi);
       bv[1] = _mm512_unpackhi_epi16(lo, hi);
     } else {
       const float* row = b + kw * ld;
+      _mm_prefetch((const char*)(row + FETCH_WORDS_AHEAD * ld), _MM_HINT_T0);
+      _mm_prefetch((const char*)(row + FETCH_WORDS_AHEAD * ld + 16), _MM_HINT_T0);
       bv[0] = _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(cols), row));
       bv[1] = _mm512_castps_si512(_mm512_maskz_loadu_ps(first_lanes(cols - 16), row + 16));
     }
