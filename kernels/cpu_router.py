@@ -13,8 +13,8 @@ with float32 sums and a float32 output (bfloat16 products are exact in float32, 
 order of the sums differs from the float32 path); backward, the logits' gradient goes in as
 two bfloat16 parts (see ``_bf16_linear_backward``). A float32 weight (autocast's master copy,
 or float32 rows): our float32 kernel up to 32 experts, our float32 GEMMs on the rows in float32
-above (the library's took 1.09-1.26x the time of the router's three products at 64 and 128
-experts; the layer at 128 experts, float32: 0.99x the time with ours). The whole
+above (the library's took 1.10-1.26x the time of the router's three products at 64 and 128
+experts; the float32 layer at 64 and 128 experts level within the noise). The whole
 router, forward and backward, T=4096, d=512, bfloat16 (2-core EPYC): 3.1 -> 1.6 ms at 32
 experts, 9.4 -> 4.3 ms at 128 (the library's float32 GEMMs were 7.8 ms of it).
 """
