@@ -112,24 +112,28 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def our_layer(args, E: int, k: int, dtype: torch.dtype, backend: str) -> Impl:
+    """Our MoE layer on ``backend``, its weights drawn from seed 0 (the same for every
+    backend)."""
+    torch.manual_seed(0)
+    gate_mode = "switch" if k == 1 else "renormalize"  # what DeepSpeed's top-1/top-2 gates do
+    cfg = MoEConfig(num_experts=E, top_k=k, d_ff=args.d_ff, gate_mode=gate_mode, backend=backend)
+    layer = MoELayer(args.d_model, cfg).to(args.device, dtype)
+    return Impl(f"ours_{backend}", layer, lambda x, m=layer: m(x)[0])
+
+
 def build_impls(args, E: int, k: int, dtype: torch.dtype) -> tuple[list[Impl], list[str]]:
     torch.manual_seed(0)
     if args.compile != "none":
         torch._dynamo.reset()  # each configuration compiles afresh, not as a recompilation
     D, F = args.d_model, args.d_ff
-    gate_mode = "switch" if k == 1 else "renormalize"  # what DeepSpeed's top-1/top-2 gates do
     impls, skipped = [], []
-    reference = None
     for backend in args.backends.split(","):
         if backend == "triton" and (args.device != "cuda" or not triton_available()):
             skipped.append("ours_triton: needs CUDA")
             continue
-        torch.manual_seed(0)  # identical weights for every backend
-        cfg = MoEConfig(num_experts=E, top_k=k, d_ff=F, gate_mode=gate_mode, backend=backend)
-        layer = MoELayer(D, cfg).to(args.device, dtype)
-        if reference is None:
-            reference = layer
-        impls.append(Impl(f"ours_{backend}", layer, lambda x, m=layer: m(x)[0]))
+        impls.append(our_layer(args, E, k, dtype, backend))
+    reference = impls[0].module if impls else None
     dense = FeedForward(D, k * F).to(args.device, dtype)
     impls.append(Impl("dense", dense, dense))
     for peer in filter(None, args.peers.split(",")):
@@ -243,16 +247,9 @@ def bench_growth(args, k: int, dtype_name: str, experts: list[int]) -> dict:
     same inputs (the order alternates): the time ratio, largest over smallest."""
     dtype, backend = DTYPES[dtype_name], args.backends.split(",")[0]
     small, large = min(experts), max(experts)
-    gate_mode = "switch" if k == 1 else "renormalize"
-    impls = []
-    for E in (small, large):
-        torch.manual_seed(0)
-        cfg = MoEConfig(
-            num_experts=E, top_k=k, d_ff=args.d_ff, gate_mode=gate_mode, backend=backend
-        )
-        layer = MoELayer(args.d_model, cfg).to(args.device, dtype)
-        impl = Impl(f"E={E}", layer, lambda x, m=layer: m(x)[0])
-        impls.append(compiled(impl, args.compile) if args.compile != "none" else impl)
+    impls = [our_layer(args, E, k, dtype, backend) for E in (small, large)]
+    if args.compile != "none":
+        impls = [compiled(impl, args.compile) for impl in impls]
     g = torch.Generator().manual_seed(2)
     times: list[list[float]] = [[], []]
     for rep in range(args.warmup + args.reps):
