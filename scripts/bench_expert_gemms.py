@@ -19,7 +19,7 @@ import json
 import statistics
 
 import torch
-from bench_moe_layer import DTYPES, add_grid_args
+from bench_grid import DTYPES, add_grid_args
 from bench_timing import fwd_bwd_time
 from moe.kernels import count_per_expert
 from moe_peers import Impl

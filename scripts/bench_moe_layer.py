@@ -11,10 +11,7 @@ implementations rotates between repetitions.
   the expert weights three times (read in forward, read in backward, write the gradient),
   the latter measured in the same run with a copy plus a read of buffers of that size.
 - ``speedup_vs_<peer>``: peer time / our time on the same configuration.
-- cost growth: our first backend at the largest expert count over the same at the smallest,
-  per dtype and k, both layers interleaved in one loop on the same inputs (rows with
-  ``impl`` "growth"). The grid's configurations run minutes apart, and this VM's speed drifts
-  by 5-10% over minutes; interleaved, the drift hits both alike.
+- cost growth (a second table; rows with ``impl`` "growth"): ``cost_growth.py``.
 
 On the CPU the process keeps freed memory for reuse, as the trainer does
 (``moe/train/host_memory.py``; ``--host-memory release`` measures without it).
@@ -35,25 +32,14 @@ import statistics
 
 import torch
 import torch._dynamo
+from bench_grid import DTYPES, add_grid_args
 from bench_timing import WeightTraffic, fwd_bwd_time, weight_traffic_time
+from cost_growth import bench_growth, print_growth
 from moe.kernels import BACKENDS, triton_available
 from moe_peers import Impl, deepspeed_moe, transformers_moe
 
 from moe.layers import FeedForward, MoEConfig, MoELayer
 from moe.train.host_memory import keep_freed_host_memory
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def add_grid_args(p: argparse.ArgumentParser) -> None:
-    """The layer's shape and the grid of configurations (shared with bench_expert_gemms.py)."""
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=1024, help="hidden width of each expert")
-    p.add_argument("--experts", default="8,32,128", help="comma-separated expert counts")
-    p.add_argument("--top-k", default="1,2", help="comma-separated k values")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args() -> argparse.Namespace:
@@ -242,58 +228,15 @@ def bench_config(args, E: int, k: int, dtype_name: str) -> list[dict]:
     return rows
 
 
-def bench_growth(args, k: int, dtype_name: str, experts: list[int]) -> dict:
-    """Our first backend at the smallest and the largest expert count, interleaved on the
-    same inputs (the order alternates): the time ratio, largest over smallest."""
-    dtype, backend = DTYPES[dtype_name], args.backends.split(",")[0]
-    small, large = min(experts), max(experts)
-    impls = [our_layer(args, E, k, dtype, backend) for E in (small, large)]
-    if args.compile != "none":
-        impls = [compiled(impl, args.compile) for impl in impls]
-    g = torch.Generator().manual_seed(2)
-    times: list[list[float]] = [[], []]
-    for rep in range(args.warmup + args.reps):
-        x, grad = (torch.randn(args.tokens, args.d_model, generator=g) for _ in range(2))
-        x, grad = x.to(args.device, dtype), grad.to(args.device, dtype)
-        order = (0, 1) if rep % 2 == 0 else (1, 0)
-        for i in order:
-            ms = fwd_bwd_time(impls[i], x, grad, args.device)
-            if rep >= args.warmup:
-                times[i].append(ms)
-    base_ms, ms = (statistics.median(t) for t in times)
-    return {
-        "impl": "growth",
-        "backend": backend,
-        "dtype": dtype_name,
-        "num_experts": large,
-        "base_experts": small,
-        "top_k": k,
-        "tokens": args.tokens,
-        "d_model": args.d_model,
-        "d_ff": args.d_ff,
-        "ms": round(ms, 3),
-        "base_ms": round(base_ms, 3),
-        "growth": round(ms / base_ms, 3),
-        "samples": args.reps,
-        "compile": args.compile,
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-    }
+def grown(args, k: int, dtype_name: str):
+    """E -> our layer on the first backend (compiled as the grid's), for the cost growth."""
+    backend = args.backends.split(",")[0]
 
+    def make(E: int) -> Impl:
+        impl = our_layer(args, E, k, DTYPES[dtype_name], backend)
+        return compiled(impl, args.compile) if args.compile != "none" else impl
 
-def print_growth(rows: list[dict]) -> None:
-    print("cost growth, interleaved in one loop (time at the largest E over the smallest):")
-    print(" | ".join(f"{h:>12}" for h in ["dtype", "k", "backend", "E", "ms", "ms_base", "growth"]))
-    for r in rows:
-        cells = [
-            r["dtype"],
-            r["top_k"],
-            r["backend"],
-            f"{r['base_experts']}->{r['num_experts']}",
-            f"{r['ms']:.1f}",
-            f"{r['base_ms']:.1f}",
-            f"{r['growth']:.3f}",
-        ]
-        print(" | ".join(f"{c!s:>12}" for c in cells))
+    return make
 
 
 def print_table(rows: list[dict]) -> None:
@@ -356,7 +299,9 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
             for k in map(int, args.top_k.split(",")):
                 print(f"growth {dtype_name} k={k} E={experts[0]} vs {experts[-1]} ...", flush=True)
-                growth.append(bench_growth(args, k, dtype_name, experts))
+                growth.append(
+                    bench_growth(args, k, dtype_name, experts, grown(args, k, dtype_name))
+                )
                 rows.append(growth[-1])
                 save()
         print_growth(growth)
